@@ -1,0 +1,162 @@
+"""Public functions: linear_logprobs, grpo_loss and fused_linear_grpo_loss."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import batch as checks
+from .backends import get_ops, resolve_backend
+from .batch import make_plan
+from .loss_math import token_loss_and_grad
+from .metrics import LossMetrics
+from .options import LossOptions
+from .strategies import (ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, choose_strategy, default_chunk_size,
+                         forward_stats)
+
+Tensor = torch.Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                    temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto",
+                    strategy: str = "auto", chunk_size: Optional[int] = None, validate: bool = True):
+    """Per-token log-probs of `targets` under softmax((hidden @ weight.T + bias) / temperature), without the
+    [tokens x vocab] logits.
+
+    hidden: (..., H) with leading dims equal to targets' shape, or (targets.numel(), H); weight: (V, H).
+    Returns fp32 log-probs shaped like `targets` (differentiable w.r.t. hidden, weight and bias) and, with
+    return_entropy=True, the entropy of each token's distribution (detached: no gradient flows through it).
+    """
+    opts = LossOptions(temperature=temperature, backend=backend, strategy=strategy, chunk_size=chunk_size,
+                       validate=validate)
+    targets = checks._need_tensor("targets", targets)
+    V, H = checks.check_linear(hidden, weight, bias, tuple(targets.shape))
+    targets = checks.check_targets("targets", targets, V, None, validate)
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    ops = get_ops(resolve_backend(opts.backend, hidden.device, hidden.dtype))
+    h2d = hidden.reshape(-1, H)
+    flat = targets.reshape(-1).long()
+    N = flat.numel()
+    strat = choose_strategy(opts.strategy, N, V, hidden.dtype, hidden.device)
+    chunk = opts.chunk_size or default_chunk_size(N, V, hidden.dtype, hidden.device)
+    logp, entropy = LinearLogprobs.apply(h2d, weight, bias, flat, float(temperature), return_entropy, strat, ops,
+                                         chunk)
+    logp = logp.reshape(targets.shape)
+    if return_entropy:
+        return logp, entropy.reshape(targets.shape)
+    return logp
+
+
+def _check_grpo_inputs(ids, attention_mask, advantages, old, ref, vllm_is_ratio, num_items_in_batch, device):
+    B, T = ids.shape
+    mask = checks.check_mask(attention_mask, (B, T), device)
+    adv = checks.check_advantages(advantages, B, T, device)
+    old = checks.check_per_token("old_per_token_logps", old, (B, T), device)
+    ref = checks.check_per_token("ref_per_token_logps", ref, (B, T), device)
+    rho = checks.check_vllm_ratio(vllm_is_ratio, B, T, device)
+    return mask, adv, old, ref, rho, checks.check_num_items(num_items_in_batch)
+
+
+class _LossFromLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp_flat, plan, opts):
+        parts = None
+        grad = torch.zeros_like(logp_flat)
+        if plan.num_rows:
+            parts = token_loss_and_grad(logp_flat.index_select(0, plan.rows), plan.terms(0, plan.num_rows), opts,
+                                        ctx.needs_input_grad[0])
+            if parts.grad is not None:
+                grad.index_copy_(0, plan.rows, parts.grad)
+        ctx.save_for_backward(grad)
+        zero = logp_flat.new_zeros(())
+        clip_den = float(max(plan.B, 1)) if plan.seq_adv is not None else plan.mask_total
+        if parts is None:
+            return zero, zero, zero, zero, zero
+        return (parts.loss, parts.kl_sum / plan.mask_total, parts.clip_region / clip_den,
+                parts.clip_low / clip_den, parts.clip_high / clip_den)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None
+
+
+def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tensor,
+              old_per_token_logps: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
+              vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None, **loss_options):
+    """TRL's GRPO loss from per-token log-probs you already have: (loss, LossMetrics).
+
+    Differentiable w.r.t. per_token_logps (closed-form gradient, O(tokens)). Options are `LossOptions`'s;
+    backend/strategy/chunk_size do not apply (no logits here) and compute_entropy has nothing to measure.
+    """
+    opts = LossOptions.from_kwargs(**loss_options)
+    logp = checks._need_tensor("per_token_logps", per_token_logps)
+    checks._check_float("per_token_logps", logp)
+    if logp.dim() != 2:
+        raise ValueError(f"per_token_logps must be (B, T), got shape {tuple(logp.shape)}")
+    mask, adv, old, ref, rho, num_items = _check_grpo_inputs(logp, attention_mask, advantages, old_per_token_logps,
+                                                             ref_per_token_logps, vllm_is_ratio, num_items_in_batch,
+                                                             logp.device)
+    acc = _acc_dtype(logp.dtype)
+    kl_on = opts.beta != 0.0 and ref is not None
+    plan = make_plan(torch.zeros_like(logp, dtype=torch.long), mask, adv, old, ref, rho, num_items,
+                     opts.replace(compute_entropy=False), kl_on, acc)
+    loss, kl, clip, low, high = _LossFromLogprobs.apply(logp.reshape(-1).to(acc), plan, opts)
+    kl = (kl.detach().float() if kl_on else torch.zeros((), device=logp.device)) if opts.beta != 0.0 else None
+    return loss, LossMetrics(kl, clip.detach().float(), low.detach().float(), high.detach().float(), None)
+
+
+def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
+                           advantages: Tensor, bias: Optional[Tensor] = None,
+                           ref_per_token_logps: Optional[Tensor] = None, old_per_token_logps: Optional[Tensor] = None,
+                           ref_input: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                           ref_bias: Optional[Tensor] = None, vllm_is_ratio: Optional[Tensor] = None,
+                           num_items_in_batch=None, **loss_options):
+    """Hidden states + LM head -> TRL's GRPO loss and metrics, with gradients for hidden, weight and bias,
+    never holding the [tokens x vocab] logits. Returns (loss, LossMetrics). See `LossOptions` for options."""
+    return _fused_linear_grpo_loss(LossOptions.from_kwargs(**loss_options), hidden, weight, selected_token_ids,
+                                   attention_mask, advantages, bias, ref_per_token_logps, old_per_token_logps,
+                                   ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch)
+
+
+def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_ids, attention_mask, advantages, bias,
+                            ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
+                            num_items_in_batch):
+    ids = checks._need_tensor("selected_token_ids", selected_token_ids)
+    if ids.dim() != 2:
+        raise ValueError(f"selected_token_ids must be (B, T), got shape {tuple(ids.shape)}")
+    V, H = checks.check_linear(hidden, weight, bias, tuple(ids.shape))
+    if ids.device != hidden.device:
+        raise ValueError(f"selected_token_ids is on {ids.device} but hidden is on {hidden.device}")
+    mask, adv, old, ref, rho, num_items = _check_grpo_inputs(ids, attention_mask, advantages, old_per_token_logps,
+                                                             ref_per_token_logps, vllm_is_ratio, num_items_in_batch,
+                                                             hidden.device)
+    ids = checks.check_targets("selected_token_ids", ids, V, mask, opts.validate)
+    ref_from_model = ref is None and opts.beta != 0.0 and (ref_input is not None or ref_weight is not None)
+    if ref_from_model:
+        if ref_input is None or ref_weight is None:
+            raise ValueError("computing the reference log-probs needs both ref_input and ref_weight "
+                             "(or pass ref_per_token_logps)")
+        checks.check_linear(ref_input, ref_weight, ref_bias, tuple(ids.shape), "ref_input", "ref_weight", "ref_bias")
+    backend = resolve_backend(opts.backend, hidden.device, hidden.dtype)
+    ops = get_ops(backend)
+    acc = _acc_dtype(hidden.dtype)
+    kl_on = opts.beta != 0.0 and (ref is not None or ref_from_model)
+    plan = make_plan(ids, mask, adv, old, ref, rho, num_items, opts, kl_on, acc)
+    strategy = choose_strategy(opts.strategy, plan.num_rows, V, hidden.dtype, hidden.device)
+    chunk = opts.chunk_size or default_chunk_size(plan.num_rows, V, hidden.dtype, hidden.device)
+    if ref_from_model:  # reference log-probs of the tokens that need them, without grad
+        with torch.no_grad():
+            ref_h = ref_input.reshape(-1, ref_input.shape[-1]).index_select(0, plan.rows)
+            _, ref_rows, _ = forward_stats(ref_h, ref_weight, ref_bias, plan.targets.index_select(0, plan.rows),
+                                           opts.temperature, False, strategy, ops, chunk)
+        plan.ref = torch.zeros_like(plan.mask).index_copy_(0, plan.rows, ref_rows.to(plan.mask.dtype))
+    fn = FusedGRPOLoss if strategy == "fused" else ChunkedGRPOLoss
+    loss, kl, clip, low, high, entropy = fn.apply(hidden.reshape(-1, H), weight, bias, plan, opts, ops, chunk, kl_on)
+    return loss, LossMetrics(kl, clip, low, high, entropy)

@@ -1,0 +1,299 @@
+"""Chunked and fused drivers: the autograd Functions that call the kernel phases and the GEMMs.
+
+chunked: per chunk of tokens, logits = one GEMM into a [chunk, V] buffer; an epilogue gives lse / logp /
+    entropy; `loss_math` gives g_t = dL/dlogp_t; the epilogue overwrites the buffer with dL/dlogits in place;
+    two GEMMs give dH and dW. Gradients are made in the forward (6·N·H·V FLOPs in all); backward only scales
+    them by grad_output.
+fused: the logits never exist, not even a chunk: forward streams the vocabulary with an online logsumexp
+    (2·N·H·V), backward recomputes the logits tile by tile (6·N·H·V) — O(N) extra memory.
+`ops` is `grpo_kernels.torch_ops` or `grpo_kernels.kernels` (same signatures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from .batch import Plan
+from .loss_math import token_loss_and_grad
+from .options import LossOptions
+
+Tensor = torch.Tensor
+_GIB = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------- sizing, choice
+
+def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk so that the chunk's logits (plus the torch path's fp32 temporaries) stay modest."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget, elt = min(free // 4, int(2.5 * _GIB)), torch.empty((), dtype=dtype).element_size()
+    else:  # the torch epilogue makes ~3 fp32 copies of the chunk
+        budget, elt = 256 << 20, 12
+    rows = max(16, budget // max(1, vocab * elt))
+    if rows > 256:
+        rows -= rows % 256  # GEMM-friendly
+    return int(min(rows, max(num_rows, 1)))
+
+
+def choose_strategy(strategy: str, num_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> str:
+    """'auto': chunked unless even a 1024-token chunk of logits would not fit in half the free GPU memory."""
+    if strategy != "auto":
+        return strategy
+    if device.type != "cuda":
+        return "chunked"
+    free, _ = torch.cuda.mem_get_info(device)
+    need = min(num_rows, 1024) * vocab * torch.empty((), dtype=dtype).element_size()
+    return "chunked" if need <= free // 2 else "fused"
+
+
+# ----------------------------------------------------------------------------------------- shared pieces
+
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+
+
+@dataclasses.dataclass
+class _Grads:
+    """Gradient accumulators. dW is summed across chunks in fp32 (one cast at the end); with a single chunk the
+    GEMM writes it directly in the weight's dtype (its accumulation is fp32 inside the GEMM)."""
+
+    d_hidden: Optional[Tensor]
+    d_weight: Optional[Tensor]
+    d_bias: Optional[Tensor]
+    single_chunk: bool
+
+    @classmethod
+    def make(cls, N: int, hidden: Tensor, weight: Tensor, needs: tuple, single_chunk: bool) -> "_Grads":
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return cls(
+            d_hidden=hidden.new_zeros(N, hidden.shape[1]) if needs[0] else None,
+            d_weight=None if not needs[1] else (None if single_chunk else weight.new_zeros(weight.shape, dtype=acc)),
+            d_bias=weight.new_zeros(weight.shape[0], dtype=acc) if needs[2] else None,
+            single_chunk=single_chunk)
+
+    def add(self, dlogits: Tensor, idx: Tensor, h_chunk: Tensor, weight: Tensor, needs: tuple) -> None:
+        if self.d_hidden is not None:
+            self.d_hidden.index_copy_(0, idx, dlogits @ weight)
+        if needs[1]:
+            if self.single_chunk:
+                self.d_weight = dlogits.T @ h_chunk
+            else:
+                self.d_weight += _mm_acc(dlogits.T, h_chunk, self.d_weight.dtype)
+        if self.d_bias is not None:
+            self.d_bias += dlogits.sum(0, dtype=self.d_bias.dtype)
+
+    def finish(self, weight: Tensor, bias: Optional[Tensor], needs: tuple):
+        dw = self.d_weight
+        if needs[1] and dw is None:  # no rows at all
+            dw = torch.zeros_like(weight)
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if self.d_bias is None or bias is None else self.d_bias.to(bias.dtype)
+        return self.d_hidden, dw, db
+
+
+def _mm_acc(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a @ b with an fp32 result and operands left in their dtype (no upcast of GEMM operands on the GPU)."""
+    if a.dtype == out_dtype:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return (a @ b).to(out_dtype)
+
+
+def forward_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
+                  return_entropy: bool, strategy: str, ops, chunk_size: int):
+    """lse, logp and entropy of every row of h, without gradients (old/ref log-probs, skipped-token entropy)."""
+    if strategy == "fused":
+        return ops.fused_linear_stats(h, weight, bias, targets, temperature, return_entropy)
+    M = h.shape[0]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    lse = torch.empty(M, dtype=acc, device=h.device)
+    logp = torch.empty(M, dtype=acc, device=h.device)
+    ent = torch.empty(M, dtype=acc, device=h.device) if return_entropy else None
+    for s in range(0, M, chunk_size):
+        e = min(M, s + chunk_size)
+        c_lse, c_logp, c_ent = ops.chunk_stats(_logits(h[s:e], weight, bias), targets[s:e], temperature,
+                                               return_entropy)
+        lse[s:e], logp[s:e] = c_lse, c_logp
+        if ent is not None:
+            ent[s:e] = c_ent
+    return lse, logp, ent
+
+
+# ------------------------------------------------------------------------------------------------ GRPO loss
+
+@dataclasses.dataclass
+class _Totals:
+    loss: Tensor
+    kl: Tensor
+    low: Tensor
+    high: Tensor
+    region: Tensor
+    entropy: Tensor
+
+    @classmethod
+    def zeros(cls, device, dtype):
+        z = lambda: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+        return cls(z(), z(), z(), z(), z(), z())
+
+    def add(self, parts) -> None:
+        self.loss += parts.loss
+        self.kl += parts.kl_sum
+        self.low += parts.clip_low
+        self.high += parts.clip_high
+        self.region += parts.clip_region
+
+
+def _finish_metrics(t: _Totals, plan: Plan, opts: LossOptions, kl_on: bool):
+    clip_den = float(max(plan.B, 1)) if plan.seq_adv is not None else plan.mask_total
+    f32 = lambda x: x.detach().to(torch.float32)  # noqa: E731
+    kl = f32(t.kl / plan.mask_total) if opts.beta != 0.0 else None
+    if opts.beta != 0.0 and not kl_on:
+        kl = torch.zeros((), dtype=torch.float32, device=t.loss.device)
+    entropy = f32(t.entropy / plan.mask_total) if opts.compute_entropy else None
+    return (t.loss, kl, f32(t.region / clip_den), f32(t.low / clip_den), f32(t.high / clip_den), entropy)
+
+
+def _skipped_entropy(h2d, weight, bias, plan, opts, strategy, ops, chunk_size) -> Optional[Tensor]:
+    rows = plan.entropy_rows
+    if rows is None or rows.numel() == 0:
+        return None
+    _, _, ent = forward_stats(h2d.index_select(0, rows), weight, bias, plan.targets.index_select(0, rows),
+                              opts.temperature, True, strategy, ops, chunk_size)
+    return (plan.mask.index_select(0, rows).to(ent.dtype) * ent).sum()
+
+
+class ChunkedGRPOLoss(torch.autograd.Function):
+    """Loss and metrics; gradients computed chunk by chunk during the forward."""
+
+    @staticmethod
+    def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        need_grad = any(needs)
+        acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
+        totals = _Totals.zeros(h2d.device, acc)
+        chunks = plan.chunks(chunk_size, opts.needs_whole_sequences)
+        grads = _Grads.make(h2d.shape[0], h2d, weight, needs, single_chunk=len(chunks) <= 1)
+        for start, end in chunks:
+            idx = plan.rows[start:end]
+            h_chunk = h2d.index_select(0, idx)
+            targets = plan.targets.index_select(0, idx)
+            logits = _logits(h_chunk, weight, bias)
+            lse, logp, ent = ops.chunk_stats(logits, targets, opts.temperature, opts.compute_entropy)
+            parts = token_loss_and_grad(logp, plan.terms(start, end), opts, need_grad)
+            totals.add(parts)
+            if ent is not None:
+                totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
+            if need_grad:
+                ops.chunk_dlogits_(logits, targets, lse, parts.grad, opts.temperature)
+                grads.add(logits, idx, h_chunk, weight, needs)
+            del logits
+        skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "chunked", ops, chunk_size)
+        if skipped is not None:
+            totals.entropy += skipped
+        d_hidden, d_weight, d_bias = grads.finish(weight, bias, needs)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        out = _finish_metrics(totals, plan, opts, kl_on)
+        ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None
+
+
+class FusedGRPOLoss(torch.autograd.Function):
+    """Loss and metrics from streamed statistics; the backward recomputes the logits tile by tile."""
+
+    @staticmethod
+    def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
+        totals = _Totals.zeros(h2d.device, acc)
+        h_rows = h2d.index_select(0, plan.rows)
+        targets = plan.targets.index_select(0, plan.rows)
+        lse, logp, ent = ops.fused_linear_stats(h_rows, weight, bias, targets, opts.temperature, opts.compute_entropy)
+        grad = None
+        if plan.num_rows:
+            parts = token_loss_and_grad(logp, plan.terms(0, plan.num_rows), opts, any(needs))
+            totals.add(parts)
+            grad = parts.grad
+        if ent is not None:
+            totals.entropy += (plan.mask.index_select(0, plan.rows).to(acc) * ent).sum()
+        skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "fused", ops, chunk_size)
+        if skipped is not None:
+            totals.entropy += skipped
+        ctx.plan, ctx.opts, ctx.ops, ctx.needs, ctx.n = plan, opts, ops, needs, h2d.shape[0]
+        ctx.save_for_backward(h_rows, weight, bias, targets, lse, grad)
+        out = _finish_metrics(totals, plan, opts, kl_on)
+        ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        h_rows, weight, bias, targets, lse, grad = ctx.saved_tensors
+        needs, plan = ctx.needs, ctx.plan
+        d_hidden = d_weight = d_bias = None
+        if grad is not None and h_rows.shape[0] > 0:
+            d_rows, d_weight, d_bias = ctx.ops.fused_linear_backward(
+                h_rows, weight, bias, targets, lse, grad * grad_loss.to(grad.dtype), ctx.opts.temperature, *needs)
+        if needs[0]:
+            d_hidden = h_rows.new_zeros(ctx.n, h_rows.shape[1])
+            if grad is not None and h_rows.shape[0] > 0:
+                d_hidden.index_copy_(0, plan.rows, d_rows)
+        if needs[1]:
+            d_weight = torch.zeros_like(weight) if d_weight is None else d_weight.to(weight.dtype)
+        if needs[2]:
+            d_bias = torch.zeros_like(bias) if d_bias is None else d_bias.to(bias.dtype)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------ log-probs only
+
+class LinearLogprobs(torch.autograd.Function):
+    """logp (differentiable) and entropy (returned detached) of every row; backward recomputes the logits."""
+
+    @staticmethod
+    def forward(ctx, h2d, weight, bias, targets, temperature: float, return_entropy: bool, strategy: str, ops,
+                chunk_size: int):
+        lse, logp, ent = forward_stats(h2d, weight, bias, targets, temperature, return_entropy, strategy, ops,
+                                       chunk_size)
+        ctx.save_for_backward(h2d, weight, bias, targets, lse)
+        ctx.temperature, ctx.strategy, ctx.ops, ctx.chunk_size = temperature, strategy, ops, chunk_size
+        logp = logp.to(torch.float32) if logp.dtype != torch.float64 else logp
+        if ent is None:
+            return logp, None
+        ent = ent.to(logp.dtype)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h2d, weight, bias, targets, lse = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grad = grad_logp.to(lse.dtype)
+        T = ctx.temperature
+        if ctx.strategy == "fused":
+            dh, dw, db = ctx.ops.fused_linear_backward(h2d, weight, bias, targets, lse, grad, T, *needs)
+        else:
+            M, cs = h2d.shape[0], ctx.chunk_size
+            grads = _Grads.make(M, h2d, weight, needs, single_chunk=M <= cs)
+            for s in range(0, M, cs):
+                e = min(M, s + cs)
+                logits = _logits(h2d[s:e], weight, bias)
+                ctx.ops.chunk_dlogits_(logits, targets[s:e], lse[s:e], grad[s:e], T)
+                idx = torch.arange(s, e, device=h2d.device)
+                grads.add(logits, idx, h2d[s:e], weight, needs)
+            dh, dw, db = grads.finish(weight, bias, needs)
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if db is None else db.to(bias.dtype)
+        return dh, dw, db, None, None, None, None, None, None
