@@ -1,0 +1,504 @@
+"""GRPOConfig: every knob of a GRPO run, with TRL's names and defaults.
+
+A plain dataclass (no transformers.TrainingArguments): the fields a lean trainer actually reads, validated once at
+construction so that a bad combination fails before a model is loaded, with a message that names the numbers and
+says how to fix them.
+
+Derived fields follow TRL's ``GRPOConfig.__post_init__``: ``epsilon_high`` defaults to ``epsilon``; the generation
+batch is ``per_device_train_batch_size × world_size × steps_per_generation`` completions, i.e.
+``generation_batch_size / num_generations`` prompts per rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+EVAL_STRATEGIES = ("no", "steps")
+REPORT_TO = ("none", "tensorboard")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+KERNEL_STRATEGIES = ("auto", "chunked", "fused")
+# The per-token loss of these uses log-probs / ratios in a way that a sequence-level ratio does not define.
+_TOKEN_ONLY_LOSSES = ("cispo", "sapo", "vespo")
+
+# Fields derived in __post_init__: to_dict() writes what the user gave, so that from_dict(to_dict()) rebuilds the
+# same config (possibly under another WORLD_SIZE) instead of tripping over "both set".
+_DERIVED = ("epsilon_high", "generation_batch_size", "steps_per_generation", "bf16", "eval_steps")
+
+
+@dataclass
+class GRPOConfig:
+    # --- output -------------------------------------------------------------------------------------------------
+    output_dir: str = "runs/grpo"
+
+    # --- model and reference model --------------------------------------------------------------------------------
+    beta: float = 0.0  # KL coefficient; 0 = no reference model is loaded
+    model_init_kwargs: dict | None = None  # passed to from_pretrained (e.g. {"dtype": "bfloat16"})
+    disable_dropout: bool = False
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager"; None = transformers' choice
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    num_generations: int = 8  # completions sampled per prompt (the group size G)
+    max_prompt_length: int | None = 512  # prompts longer than this are left-truncated; None = no limit
+    max_completion_length: int | None = 256
+    shuffle_dataset: bool = True
+    system_prompt: str | None = None
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled (TRL's default)
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    generation_batch_size: int | None = None  # completions per rollout (all ranks); derived when None
+    steps_per_generation: int | None = None  # optimizer micro-steps per rollout; derived when None
+
+    # --- loss ---------------------------------------------------------------------------------------------------
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None = epsilon (DAPO recommends 0.28)
+    delta: float | None = None  # two-sided clipping bound (INTELLECT-2); should exceed 1 + epsilon_high
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    num_iterations: int = 1  # optimisation passes over each rollout (μ)
+    scale_rewards: str = "group"  # True -> "group", False -> "none", as TRL
+    reward_weights: list[float] | None = None  # length checked by the trainer against its reward functions
+    mask_truncated_completions: bool = False
+    top_entropy_quantile: float = 1.0
+    use_bias_correction_kl: bool = False
+
+    # --- optimisation -------------------------------------------------------------------------------------------
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # None or 0 = no clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    per_device_train_batch_size: int = 8  # counts completions, not prompts (as TRL)
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None = auto: True on a CUDA device with bf16 support, else False
+    seed: int = 42
+
+    # --- logging, saving, evaluation ----------------------------------------------------------------------------
+    logging_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    eval_strategy: str = "no"  # "no" | "steps"
+    eval_steps: int | None = None  # None = logging_steps when eval_strategy="steps" (as transformers)
+    eval_max_samples: int | None = None
+    eval_temperature: float = 0.0  # 0 = greedy decoding for evaluation
+    log_completions: bool = False
+    num_completions_to_print: int | None = None
+    report_to: str | list[str] = "none"
+    disable_progress_bar: bool = False
+
+    # --- grpo_kernels -------------------------------------------------------------------------------------------
+    kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
+    kernel_strategy: str = "auto"  # "auto" | "chunked" | "fused"
+    kernel_chunk_size: int | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        # What the user gave for derived fields, before we fill them in (see to_dict).
+        self._given = {name: getattr(self, name) for name in _DERIVED}
+        self._normalise()
+        self._derive_batches()
+        self._validate()
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes, read from the WORLD_SIZE environment variable that torchrun sets (default 1)."""
+        return _world_size()
+
+    # --- normalisation ------------------------------------------------------------------------------------------
+    def _normalise(self):
+        if isinstance(self.scale_rewards, str) and self.scale_rewards.lower() in ("true", "false"):
+            self.scale_rewards = self.scale_rewards.lower() == "true"
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if isinstance(self.model_init_kwargs, str):  # TRL accepts a JSON string (CLI)
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"model_init_kwargs={self.model_init_kwargs!r} is not valid JSON: {e}") from None
+        if self.reward_weights is not None:
+            try:
+                self.reward_weights = [float(w) for w in self.reward_weights]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"reward_weights must be a list of numbers (one per reward function), got {self.reward_weights!r}"
+                ) from None
+        if self.bf16 is None:
+            self.bf16 = _cuda_bf16_available()
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+
+    def _derive_batches(self):
+        _check_int("per_device_train_batch_size", self.per_device_train_batch_size, 1)
+        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int):
+            raise ValueError(f"num_generations must be an integer >= 2, got {self.num_generations!r}")
+        per_step = self.per_device_train_batch_size * self.world_size
+        gbs, spg = self.generation_batch_size, self.steps_per_generation
+        if gbs is not None and spg is not None:
+            raise ValueError(
+                f"generation_batch_size={gbs} and steps_per_generation={spg} are both set, but each one determines "
+                "the other (generation_batch_size = per_device_train_batch_size × world_size × steps_per_generation): "
+                "set only one of them."
+            )
+        if gbs is None and spg is None:
+            spg = self.gradient_accumulation_steps
+        if spg is not None:
+            _check_int("steps_per_generation", spg, 1)
+            gbs = per_step * spg
+        else:
+            _check_int("generation_batch_size", gbs, 1)
+            if gbs % per_step != 0:
+                lo, hi = max(per_step, gbs // per_step * per_step), (gbs // per_step + 1) * per_step
+                raise ValueError(
+                    f"generation_batch_size={gbs} must be divisible by per_device_train_batch_size × world_size = "
+                    f"{self.per_device_train_batch_size} × {self.world_size} = {per_step}, since each optimizer "
+                    f"micro-step consumes {per_step} completions: use generation_batch_size={lo} or {hi}, or set "
+                    "steps_per_generation instead."
+                )
+            spg = gbs // per_step
+        self.generation_batch_size, self.steps_per_generation = gbs, spg
+
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations}, but GRPO needs at least 2 completions per prompt: the "
+                "advantage is the reward minus its group's mean, divided by the group's standard deviation, which is "
+                "undefined for a group of one. Set num_generations=2 or more (8 is TRL's default)."
+            )
+        if gbs % self.num_generations != 0:
+            ok = sorted(d for d in range(2, gbs + 1) if gbs % d == 0)
+            if self._given["generation_batch_size"] is not None:
+                what = f"generation_batch_size={gbs}"
+            else:
+                what = (
+                    "the generation batch (per_device_train_batch_size × world_size × steps_per_generation = "
+                    f"{self.per_device_train_batch_size} × {self.world_size} × {spg} = {gbs})"
+                )
+            raise ValueError(
+                f"{what} must be divisible by num_generations={self.num_generations}, so that every prompt's group "
+                f"of completions lands in the same rollout: use num_generations in {{{','.join(map(str, ok))}}} or "
+                f"set per_device_train_batch_size, steps_per_generation or generation_batch_size so that the "
+                f"generation batch is a multiple of {self.num_generations} (e.g. per_device_train_batch_size="
+                f"{_next_multiple(self.per_device_train_batch_size, self.num_generations)})."
+            )
+
+    # --- validation ---------------------------------------------------------------------------------------------
+    def _validate(self):
+        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        _check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        _check_choice("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)
+        _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _check_choice("kernel_strategy", self.kernel_strategy, KERNEL_STRATEGIES)
+        reports = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        if not isinstance(reports, (list, tuple)):
+            raise ValueError(f"report_to must be 'none', 'tensorboard' or a list of them, got {self.report_to!r}")
+        for r in reports:
+            _check_choice("report_to", r, REPORT_TO)
+
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        _check_number("beta", self.beta, lo=0.0, hint="beta is the KL coefficient; use 0.0 to disable the KL term")
+        _check_number("temperature", self.temperature, lo=0.0, lo_open=True,
+                      hint="for greedy decoding use eval_temperature=0.0; training samples need temperature > 0")
+        _check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, hint="use top_p=1.0 to disable it")
+        _check_int("top_k", self.top_k, 0, hint="use top_k=0 to disable it")
+        if self.min_p is not None:
+            _check_number("min_p", self.min_p, lo=0.0, hi=1.0, hint="use min_p=None to disable it")
+        _check_number("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True,
+                      hint="use repetition_penalty=1.0 to disable it")
+        if self.max_prompt_length is not None:
+            _check_int("max_prompt_length", self.max_prompt_length, 1, hint="use None for no limit")
+        if self.max_completion_length is not None:
+            _check_int("max_completion_length", self.max_completion_length, 1)
+
+        _check_number("epsilon", self.epsilon, lo=0.0)
+        _check_number("epsilon_high", self.epsilon_high, lo=0.0, hint="None means epsilon_high = epsilon")
+        if self.delta is not None:
+            _check_number("delta", self.delta, lo=0.0, lo_open=True,
+                          hint=f"use delta=None to disable it, or a value above 1 + epsilon_high = "
+                               f"{1 + self.epsilon_high:g}")
+            if self.delta <= 1 + self.epsilon_high:
+                warnings.warn(
+                    f"delta={self.delta} is not above 1 + epsilon_high = {1 + self.epsilon_high:g}: the two-sided "
+                    "clip will cut ratios that the ordinary clip would keep (INTELLECT-2 recommends delta > 1 + ε).",
+                    stacklevel=3,
+                )
+        _check_int("num_iterations", self.num_iterations, 1)
+        _check_number("top_entropy_quantile", self.top_entropy_quantile, lo=0.0, hi=1.0, lo_open=True,
+                      hint="1.0 keeps every token; 0.2 keeps the 20% highest-entropy tokens")
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError(
+                "loss_type='dr_grpo' normalises the loss by the constant max_completion_length, but it is None: set "
+                "max_completion_length (e.g. 256) or choose another loss_type."
+            )
+        if self.importance_sampling_level == "sequence" and self.loss_type in _TOKEN_ONLY_LOSSES:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} is defined with token-level importance ratios "
+                f"({'vespo builds its own sequence weights' if self.loss_type == 'vespo' else 'per-token weights'}), "
+                "but importance_sampling_level='sequence': set importance_sampling_level='token', or use "
+                "loss_type='grpo' for GSPO-style sequence-level training."
+            )
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            warnings.warn(
+                "loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's setup).",
+                stacklevel=3,
+            )
+
+        _check_number("learning_rate", self.learning_rate, lo=0.0)
+        _check_number("warmup_ratio", self.warmup_ratio, lo=0.0, hi=1.0)
+        _check_number("weight_decay", self.weight_decay, lo=0.0)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, lo=0.0, hint="use None or 0 to disable clipping")
+        _check_number("adam_beta1", self.adam_beta1, lo=0.0, hi=1.0, hi_open=True)
+        _check_number("adam_beta2", self.adam_beta2, lo=0.0, hi=1.0, hi_open=True)
+        _check_number("adam_epsilon", self.adam_epsilon, lo=0.0)
+        if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool) or (
+            self.max_steps != -1 and self.max_steps < 1
+        ):
+            raise ValueError(
+                f"max_steps must be a positive integer, or -1 to train for num_train_epochs; got {self.max_steps!r}"
+            )
+        _check_number("num_train_epochs", self.num_train_epochs, lo=0.0, lo_open=True)
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be True, False or None (auto), got {self.bf16!r}")
+        _check_int("seed", self.seed, 0)
+
+        _check_int("logging_steps", self.logging_steps, 1)
+        _check_int("save_steps", self.save_steps, 1)
+        if self.save_total_limit is not None:
+            _check_int("save_total_limit", self.save_total_limit, 1, hint="use None to keep every checkpoint")
+        if self.eval_steps is not None:
+            _check_int("eval_steps", self.eval_steps, 1)
+        if self.eval_max_samples is not None:
+            _check_int("eval_max_samples", self.eval_max_samples, 1, hint="use None to evaluate on every sample")
+        _check_number("eval_temperature", self.eval_temperature, lo=0.0, hint="0.0 means greedy decoding")
+        if self.num_completions_to_print is not None:
+            _check_int("num_completions_to_print", self.num_completions_to_print, 0)
+        if self.kernel_chunk_size is not None:
+            _check_int("kernel_chunk_size", self.kernel_chunk_size, 1, hint="use None for the automatic size")
+        if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
+            raise ValueError(f"model_init_kwargs must be a dict or None, got {type(self.model_init_kwargs).__name__}")
+
+    # --- (de)serialisation --------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GRPOConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"GRPOConfig.from_dict expects a dict, got {type(d).__name__}")
+        _check_keys(d)
+        return cls(**d)
+
+    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
+        """JSON-able dict of the fields. By default derived fields hold what was given (None when derived), so that
+        ``from_dict(to_dict())`` rebuilds this config; ``resolved=True`` gives the values in use (for logs)."""
+        out = {}
+        for name in self.field_names():
+            value = self._given[name] if (name in _DERIVED and not resolved) else getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        # default=str: a torch.dtype in model_init_kwargs becomes "torch.bfloat16" rather than crashing the logger
+        return json.loads(json.dumps(out, default=str))
+
+    def replace(self, **changes) -> GRPOConfig:
+        """A copy with ``changes`` applied and re-derived (``dataclasses.replace`` would pass the derived
+        generation_batch_size and steps_per_generation together and be refused)."""
+        d = self.to_dict()
+        _check_keys(changes)
+        d.update(changes)
+        return type(self).from_dict(d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GRPOConfig:
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, PRESETS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}.{hint}")
+        _check_keys(overrides)
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def coerce_value(cls, name: str, text: str) -> Any:
+        """Parse a command-line string for field ``name`` according to its annotation ("none" → None, JSON for lists
+        and dicts, true/false for bools)."""
+        _check_keys({name: None})
+        if not isinstance(text, str):
+            return text
+        kinds = _annotation_kinds(typing.get_type_hints(cls)[name])
+        low = text.strip().lower()
+        if low in ("none", "null") and type(None) in kinds:
+            return None
+        if bool in kinds:
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    return kind(text)
+                except ValueError:
+                    pass
+        if (list in kinds or dict in kinds) and text.strip()[:1] in "[{":
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{name}: {text!r} is not valid JSON: {e}") from None
+        if list in kinds and str not in kinds:
+            items = [x.strip() for x in text.split(",") if x.strip()]
+            return [float(x) for x in items] if name == "reward_weights" else items
+        if str in kinds:
+            return text
+        raise ValueError(f"{name}: cannot read {text!r} as {' or '.join(sorted(k.__name__ for k in kinds))}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets. The loop helper (trainer owner) may tune the NUMBERS inside PRESETS; names, keys and meaning stay here.
+# "default": the real run — SmolLM2-135M-Instruct on the bundled arithmetic word problems, on a 2-core CPU.
+# "smoke":   a tiny randomly initialised model for a few steps; finishes in seconds.
+# PRESET_RUNS holds the non-config parts of each preset (model, dataset, reward functions) for the CLI; the
+# number of reward_funcs must equal len(reward_weights) when the preset sets reward_weights.
+PRESETS: dict[str, dict] = {
+    "default": {
+        "output_dir": "runs/default",
+        "num_generations": 8,
+        "per_device_train_batch_size": 32,
+        "max_completion_length": 48,
+        "max_prompt_length": 256,
+        "learning_rate": 1e-5,
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "max_steps": 16,
+        "temperature": 1.0,
+        "logging_steps": 1,
+        "save_steps": 8,
+        "lr_scheduler_type": "constant",
+        "reward_weights": [1.0, 0.2],
+    },
+    "smoke": {
+        "output_dir": "runs/smoke",
+        "num_generations": 4,
+        "per_device_train_batch_size": 8,
+        "max_completion_length": 8,
+        "max_prompt_length": 64,
+        "learning_rate": 1e-4,
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "max_steps": 2,
+        "temperature": 1.0,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "lr_scheduler_type": "constant",
+        "reward_weights": [1.0, 0.2],
+        "eval_max_samples": 4,
+        "disable_progress_bar": True,
+    },
+}
+
+PRESET_RUNS: dict[str, dict] = {
+    "default": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dataset": "arithmetic",
+                "reward_funcs": ["gsm8k", "format"]},
+    "smoke": {"model": "tiny-random", "dataset": "arithmetic", "reward_funcs": ["gsm8k", "format"]},
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _world_size() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
+    if n < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={n} must be >= 1")
+    return n
+
+
+def _cuda_bf16_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def _next_multiple(x: int, k: int) -> int:
+    return max(k, -(-x // k) * k)
+
+
+def _check_keys(d: dict):
+    names = GRPOConfig.field_names()
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        parts = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(
+            f"unknown GRPOConfig field{'s' if len(unknown) > 1 else ''}: {', '.join(parts)}. "
+            "GRPOConfig.field_names() lists the valid ones."
+        )
+
+
+def _check_choice(name, value, valid):
+    if value not in valid:
+        shown = [v for v in valid if isinstance(v, str)]
+        close = difflib.get_close_matches(str(value), shown, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{name}={value!r} is not supported; valid values: {', '.join(map(repr, shown))}.{hint}")
+
+
+def _check_int(name, value, lo, hint=None):
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        tail = f" ({hint})" if hint else ""
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}{tail}")
+
+
+def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False, hint=None):
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+    if not bad:
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+            hi is not None and (value >= hi if hi_open else value > hi)
+        )
+    if bad:
+        left = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        right = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        if lo is not None and hi is not None:
+            rng = f"in {left}, {right}"
+        elif lo is not None:
+            rng = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            rng = f"{'<' if hi_open else '<='} {hi:g}"
+        tail = f": {hint}" if hint else ""
+        raise ValueError(f"{name} must be a number {rng}, got {value!r}{tail}")
+
+
+def _annotation_kinds(annotation) -> set:
+    args = typing.get_args(annotation)
+    parts = args if (typing.get_origin(annotation) in (typing.Union, types.UnionType)) else (annotation,)
+    return {typing.get_origin(p) or p for p in parts}
