@@ -1,0 +1,12 @@
+"""Raw Triton kernels of grpo_kernels, one phase per module (no autograd here).
+
+chunk_stats / chunk_dlogits_   epilogue of the chunked strategy (logits already in a [M, V] buffer)
+fused_linear_stats             fused forward: lse, logp, entropy from hidden and the LM head, no logits buffer
+fused_linear_backward          fused backward: d_hidden, d_weight, d_bias, logits recomputed tile by tile
+"""
+from ._common import IS_INTERPRETER
+from .chunk_epilogue import chunk_dlogits_, chunk_stats
+from .fused_backward import fused_linear_backward
+from .fused_forward import fused_linear_stats
+
+__all__ = ["IS_INTERPRETER", "chunk_stats", "chunk_dlogits_", "fused_linear_stats", "fused_linear_backward"]
