@@ -9,11 +9,10 @@ import torch
 from . import batch as checks
 from .backends import get_ops, resolve_backend
 from .batch import make_plan
-from .loss_math import token_loss_and_grad
 from .metrics import LossMetrics
 from .options import LossOptions
 from .strategies import (ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, choose_strategy, default_chunk_size,
-                         forward_stats)
+                         forward_stats, loss_parts)
 
 Tensor = torch.Tensor
 
@@ -65,12 +64,12 @@ def _check_grpo_inputs(ids, attention_mask, advantages, old, ref, vllm_is_ratio,
 
 class _LossFromLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp_flat, plan, opts):
+    def forward(ctx, logp_flat, plan, opts, ops):
         parts = None
         grad = torch.zeros_like(logp_flat)
         if plan.num_rows:
-            parts = token_loss_and_grad(logp_flat.index_select(0, plan.rows), plan.terms(0, plan.num_rows), opts,
-                                        ctx.needs_input_grad[0])
+            parts = loss_parts(ops, logp_flat.index_select(0, plan.rows), plan.terms(0, plan.num_rows), opts,
+                               ctx.needs_input_grad[0])
             if parts.grad is not None:
                 grad.index_copy_(0, plan.rows, parts.grad)
         ctx.save_for_backward(grad)
@@ -84,7 +83,7 @@ class _LossFromLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None
+        return grad * grad_loss, None, None, None
 
 
 def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tensor,
@@ -92,8 +91,9 @@ def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tenso
               vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None, **loss_options):
     """TRL's GRPO loss from per-token log-probs you already have: (loss, LossMetrics).
 
-    Differentiable w.r.t. per_token_logps (closed-form gradient, O(tokens)). Options are `LossOptions`'s;
-    backend/strategy/chunk_size do not apply (no logits here) and compute_entropy has nothing to measure.
+    Differentiable w.r.t. per_token_logps (closed-form gradient, O(tokens)): one Triton launch at token level
+    on the Triton backend, PyTorch otherwise. Options are `LossOptions`'s; strategy/chunk_size do not apply
+    (no logits here) and compute_entropy has nothing to measure.
     """
     opts = LossOptions.from_kwargs(**loss_options)
     logp = checks._need_tensor("per_token_logps", per_token_logps)
@@ -107,7 +107,8 @@ def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tenso
     kl_on = opts.beta != 0.0 and ref is not None
     plan = make_plan(torch.zeros_like(logp, dtype=torch.long), mask, adv, old, ref, rho, num_items,
                      opts.replace(compute_entropy=False), kl_on, acc)
-    loss, kl, clip, low, high = _LossFromLogprobs.apply(logp.reshape(-1).to(acc), plan, opts)
+    ops = get_ops(resolve_backend(opts.backend, logp.device, acc))
+    loss, kl, clip, low, high = _LossFromLogprobs.apply(logp.reshape(-1).to(acc), plan, opts, ops)
     kl = (kl.detach().float() if kl_on else torch.zeros((), device=logp.device)) if opts.beta != 0.0 else None
     return loss, LossMetrics(kl, clip.detach().float(), low.detach().float(), high.detach().float(), None)
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .batch import Plan
+from . import torch_ops
 from .loss_math import token_loss_and_grad
 from .options import LossOptions
 
@@ -51,6 +52,14 @@ def choose_strategy(strategy: str, num_rows: int, vocab: int, dtype: torch.dtype
 
 
 # ----------------------------------------------------------------------------------------- shared pieces
+
+def loss_parts(ops, logp: Tensor, terms, opts: LossOptions, need_grad: bool):
+    """The loss-from-log-probs phase: one Triton launch at token level on the Triton backend, else PyTorch
+    (sequence level needs per-sequence sums, which stay in `loss_math`)."""
+    if ops is not torch_ops and not opts.sequence_level and logp.dtype == torch.float32:
+        return ops.token_loss_grad(logp, terms, opts, need_grad)
+    return token_loss_and_grad(logp, terms, opts, need_grad)
+
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
@@ -187,7 +196,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
             targets = plan.targets.index_select(0, idx)
             logits = _logits(h_chunk, weight, bias)
             lse, logp, ent = ops.chunk_stats(logits, targets, opts.temperature, opts.compute_entropy)
-            parts = token_loss_and_grad(logp, plan.terms(start, end), opts, need_grad)
+            parts = loss_parts(ops, logp, plan.terms(start, end), opts, need_grad)
             totals.add(parts)
             if ent is not None:
                 totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
@@ -224,7 +233,7 @@ class FusedGRPOLoss(torch.autograd.Function):
         lse, logp, ent = ops.fused_linear_stats(h_rows, weight, bias, targets, opts.temperature, opts.compute_entropy)
         grad = None
         if plan.num_rows:
-            parts = token_loss_and_grad(logp, plan.terms(0, plan.num_rows), opts, any(needs))
+            parts = loss_parts(ops, logp, plan.terms(0, plan.num_rows), opts, any(needs))
             totals.add(parts)
             grad = parts.grad
         if ent is not None:
