@@ -40,8 +40,9 @@ def gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, vllm_is_r
             seq_log_ratio = seq_log_ratio + vllm_is_ratio.log().clamp(lower, 20.0).sum(-1, keepdim=True)
         log_w = seq_log_ratio.clamp(lower, 20.0)
         nonneg = advantages >= 0
-        k = torch.where(nonneg, opts.vespo_k_pos, opts.vespo_k_neg).to(log_w.dtype)
-        lam = torch.where(nonneg, opts.vespo_lambda_pos, opts.vespo_lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+        c = lambda v: torch.tensor(v, dtype=log_w.dtype, device=log_w.device)  # noqa: E731  (not via fp32)
+        k = torch.where(nonneg, c(opts.vespo_k_pos), c(opts.vespo_k_neg))
+        lam = torch.where(nonneg, c(opts.vespo_lambda_pos), c(opts.vespo_lambda_neg)).clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w - lam * log_w.exp())
         return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -90,7 +91,8 @@ def reference_grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advanta
         low = (coef_1 < 1 - opts.epsilon_low) & (adv < 0)
         high = (coef_1 > 1 + opts.epsilon_high) & (adv > 0)
     elif opts.loss_type == "sapo":
-        kappa = torch.where(adv > 0, opts.sapo_temperature_pos, opts.sapo_temperature_neg).to(logp.dtype)
+        c = lambda v: torch.tensor(v, dtype=logp.dtype, device=logp.device)  # noqa: E731  (not via fp32)
+        kappa = torch.where(adv > 0, c(opts.sapo_temperature_pos), c(opts.sapo_temperature_neg))
         per_token_loss = -torch.sigmoid(kappa * (coef_1 - 1)) * 4 / kappa * adv
     else:  # vespo
         phi = gamma_weights(adv, log_ratio, mask, rho, opts)
@@ -114,18 +116,21 @@ def reference_grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advanta
         normalizer = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(logp)
         loss = (per_token_loss * mask).sum() / normalizer.clamp(min=1.0)
 
-    def masked_mean(x: Tensor) -> Tensor:
+    def masked_mean(x: Tensor, per_sequence: bool = False) -> Tensor:
         x = x.to(logp.dtype)
-        if x.shape[1] == 1:  # sequence level: one value per sequence (TRL's global_masked_mean)
+        if per_sequence:  # TRL's global_masked_mean on a (B, 1) quantity: a plain mean over sequences
             return x.sum() / max(x.shape[0], 1)
         x = x.expand_as(mask)
         return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
+    # TRL decides by shape (x.shape[1] == 1), which at T == 1 would also count masked tokens of per-token
+    # quantities; we take the per-sequence mean only for the sequence-level ratio's flags (same for every T > 1).
+    seq_flags = opts.sequence_level and low.shape[1] == 1
     metrics = {
         "kl": masked_mean(per_token_kl).detach() if per_token_kl is not None else None,
-        "clip_ratio": masked_mean(low | high).detach(),
-        "clip_ratio_low": masked_mean(low).detach(),
-        "clip_ratio_high": masked_mean(high).detach(),
+        "clip_ratio": masked_mean(low | high, seq_flags).detach(),
+        "clip_ratio_low": masked_mean(low, seq_flags).detach(),
+        "clip_ratio_high": masked_mean(high, seq_flags).detach(),
         "entropy": masked_mean(entropy).detach() if entropy is not None else None,
     }
     return loss, metrics

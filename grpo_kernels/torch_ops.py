@@ -26,9 +26,9 @@ def chunk_stats(logits: Tensor, targets: Tensor, temperature: float, return_entr
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, targets.long().unsqueeze(1)).squeeze(1) - lse
     entropy = None
-    if return_entropy:
-        p = torch.exp(z - lse.unsqueeze(1))
-        entropy = lse - (p * z).sum(-1)
+    if return_entropy:  # -sum p*log p, not lse - sum p*z: the latter cancels catastrophically for |z| ~ 1e3
+        logprobs = z - lse.unsqueeze(1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
     return lse, logp, entropy
 
 
