@@ -32,8 +32,8 @@ def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: to
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget, elt = min(free // 4, int(2.5 * _GIB)), torch.empty((), dtype=dtype).element_size()
-    else:  # the torch epilogue makes ~3 fp32 copies of the chunk
-        budget, elt = 256 << 20, 12
+    else:  # CPU: small chunks cost little GEMM efficiency and keep the torch epilogue's fp32 temporaries small
+        budget, elt = 32 << 20, 4
     rows = max(16, budget // max(1, vocab * elt))
     if rows > 256:
         rows -= rows % 256  # GEMM-friendly

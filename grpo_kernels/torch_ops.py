@@ -12,17 +12,28 @@ import torch
 
 Tensor = torch.Tensor
 
-# Vocabulary tile of the fused strategy on the torch backend: bounds its extra memory to M x VOCAB_TILE floats.
-VOCAB_TILE = 4096
+# The fused strategy on the torch backend streams the vocabulary in tiles of about this many logits
+# (M x tile), so its extra memory stays O(M) with a small constant.
+TILE_ELEMENTS = 4 << 20
+
+
+def _vocab_tile(rows: int, vocab: int) -> int:
+    return int(min(vocab, max(128, TILE_ELEMENTS // max(rows, 1))))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits / T in the accumulation dtype (no copy for fp32 logits at T = 1)."""
+    z = logits.to(_acc_dtype(logits.dtype))
+    return z if temperature == 1.0 else z * (1.0 / temperature)
+
+
 def chunk_stats(logits: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
     """lse, logp and entropy of z = logits / temperature, row by row (see kernels.chunk_epilogue)."""
-    z = logits.to(_acc_dtype(logits.dtype)) / temperature
+    z = _scaled(logits, temperature)
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, targets.long().unsqueeze(1)).squeeze(1) - lse
     entropy = None
@@ -33,12 +44,18 @@ def chunk_stats(logits: Tensor, targets: Tensor, temperature: float, return_entr
 
 
 def chunk_dlogits_(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, temperature: float) -> None:
-    """In place: logits <- grad * (onehot(target) - softmax(logits / T)) / T."""
+    """In place: logits <- grad * (onehot(target) - softmax(logits / T)) / T.
+
+    For fp32/fp64 buffers every step is in place (no temporary of the chunk's size)."""
     acc = _acc_dtype(logits.dtype)
-    p = torch.exp(logits.to(acc) / temperature - lse.to(acc).unsqueeze(1))
-    p.neg_().scatter_add_(1, targets.long().unsqueeze(1), torch.ones_like(lse, dtype=acc).unsqueeze(1))
-    p.mul_((grad.to(acc) / temperature).unsqueeze(1))
-    logits.copy_(p)
+    p = logits if logits.dtype == acc else logits.to(acc)
+    if temperature != 1.0:
+        p.mul_(1.0 / temperature)
+    scale = (grad.to(acc) / temperature).unsqueeze(1)
+    p.sub_(lse.to(acc).unsqueeze(1)).exp_().mul_(-scale)
+    p.scatter_add_(1, targets.long().unsqueeze(1), scale)
+    if p is not logits:
+        logits.copy_(p)
 
 
 def _logits_tile(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int) -> Tensor:
@@ -50,7 +67,7 @@ def _logits_tile(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int
 
 def fused_linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
                        return_entropy: bool):
-    """Vocabulary-tiled forward with an online logsumexp: never holds more than M x VOCAB_TILE logits."""
+    """Vocabulary-tiled forward with an online logsumexp: never holds more than one M x tile block of logits."""
     M, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     tgt = targets.long()
@@ -58,8 +75,9 @@ def fused_linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     run_sum = torch.zeros(M, dtype=acc, device=hidden.device)
     run_pz = torch.zeros(M, dtype=acc, device=hidden.device)  # sum_v exp(z_v - max) * z_v
     target_z = torch.zeros(M, dtype=acc, device=hidden.device)
-    for v0 in range(0, V, VOCAB_TILE):
-        v1 = min(V, v0 + VOCAB_TILE)
+    tile = _vocab_tile(M, V)
+    for v0 in range(0, V, tile):
+        v1 = min(V, v0 + tile)
         z = _logits_tile(hidden, weight, bias, v0, v1).to(acc) / temperature
         new_max = torch.maximum(run_max, z.max(dim=1).values)
         scale = torch.exp(run_max - new_max)
@@ -86,8 +104,9 @@ def fused_linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     d_weight = torch.zeros(V, H, dtype=acc, device=hidden.device) if need_weight else None
     d_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_bias else None
     tgt = targets.long()
-    for v0 in range(0, V, VOCAB_TILE):
-        v1 = min(V, v0 + VOCAB_TILE)
+    tile = _vocab_tile(M, V)
+    for v0 in range(0, V, tile):
+        v1 = min(V, v0 + tile)
         dz = _logits_tile(hidden, weight, bias, v0, v1)
         shifted = tgt - v0
         in_tile = (shifted >= 0) & (shifted < v1 - v0)
