@@ -1,0 +1,1 @@
+"""grpo-kernels benchmark suite: `python -m bench {loss,logprobs,step} ...` (see bench/README.md)."""

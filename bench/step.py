@@ -1,0 +1,404 @@
+"""One GRPO training step end to end: the bundled trainer (grpo.GRPOTrainer, fused loss) against TRL's
+GRPOTrainer on the same model, data and config, with time and peak memory split into
+generation / scoring / update.
+
+Times: ours from the trainer's logged time/generation, time/scoring, time/update and step_time metrics; TRL
+(which logs no such split) from wrappers around its _generate and _calculate_rewards and a step callback, its
+update being the step's remainder (old/ref log-probs, loss, backward, optimizer), as ours counts it.
+Memory: peak above the phase's starting point, per phase (GPU: max_memory_allocated; CPU: peak RSS reset at
+each phase start), plus the whole process's peak. Each variant runs in its own worker process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+PHASES = ("generation", "scoring", "update")
+VARIANTS = ("ours-auto", "ours-chunked", "ours-fused", "trl")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="tiny (seeded 2-layer Llama), smollm2 (SmolLM2-135M-Instruct) or a local path")
+    p.add_argument("--impls", default="ours-auto,trl", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=3, help="measured optimizer steps")
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps run first and not counted")
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (completions)")
+    p.add_argument("--max-completion-length", type=int, default=16)
+    p.add_argument("--max-prompt-length", type=int, default=128)
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--loss-type", default="dapo")
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (--quick: 1; a tiny model's small ops "
+                   "on 2 threads stall at every barrier when the machine is shared)")
+    p.add_argument("--in-process", action="store_true")
+    p.add_argument("--worker-timeout", type=float, default=3600.0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 warm-up + 3 measured steps")
+
+
+# ------------------------------------------------------------------------------------------------ memory per phase
+
+
+class PhaseMeter:
+    """Exclusive wall time and peak extra memory of named phases. Phases may nest (TRL generates inside its
+    training_step): entering an inner phase pauses the outer one, so each phase counts only its own work."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self._stack: list[dict] = []
+
+    # current usage and the peak since the last reset, in bytes (None when the peak cannot be reset)
+    def _usage(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        from .measure import _proc_status_kib
+
+        kib = _proc_status_kib("VmRSS")
+        return None if kib is None else kib * 1024
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from .measure import reset_peak_rss
+
+            reset_peak_rss()
+
+    def _peak_since_reset(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        from .measure import _proc_status_kib
+
+        kib = _proc_status_kib("VmHWM")
+        return None if kib is None else kib * 1024
+
+    def _pause(self, frame: dict) -> None:
+        peak = self._peak_since_reset()
+        if peak is not None and frame["base"] is not None:
+            frame["peak"] = max(frame["peak"], peak - frame["base"])
+        frame["seconds"] += time.perf_counter() - frame["t"]
+
+    def _resume(self, frame: dict) -> None:
+        self._reset_peak()
+        frame["t"] = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str):
+        if self._stack:
+            self._pause(self._stack[-1])
+        frame = {"name": name, "base": self._usage(), "peak": 0, "seconds": 0.0}
+        self._stack.append(frame)
+        self._resume(frame)
+        try:
+            yield
+        finally:
+            self._pause(frame)
+            self._stack.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + frame["seconds"]
+            if frame["base"] is not None:
+                self.peak[name] = max(self.peak.get(name, 0), frame["peak"])
+            if self._stack:
+                self._resume(self._stack[-1])
+
+    def wrap(self, name: str, fn):
+        def wrapped(*a, **k):
+            with self.phase(name):
+                return fn(*a, **k)
+
+        return wrapped
+
+
+def _process_peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    from grpo.data import make_arithmetic_problems, to_prompt_rows
+
+    return to_prompt_rows(make_arithmetic_problems(n, seed))
+
+
+def _rewards():
+    from grpo import format_reward, gsm8k_reward
+
+    return [gsm8k_reward, format_reward]
+
+
+def _summarise(per_step: list[dict]) -> dict:
+    out = {}
+    for key in ("step", *PHASES):
+        vals = [s[key] for s in per_step if s.get(key) is not None]
+        out[f"{key}_s"] = statistics.median(vals) if vals else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ variants
+
+
+def _run_ours(task: dict, device: torch.device) -> dict:
+    import grpo.rollout as rollout
+    import grpo.update as update
+    from grpo import GRPOConfig, GRPOTrainer
+
+    c = task["config"]
+    strategy = task["variant"].split("-", 1)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(
+            output_dir=tmp,
+            num_generations=c["num_generations"],
+            per_device_train_batch_size=c["batch_size"],
+            max_completion_length=c["max_completion_length"],
+            max_prompt_length=c["max_prompt_length"],
+            beta=c["beta"],
+            loss_type=c["loss_type"],
+            learning_rate=c["learning_rate"],
+            lr_scheduler_type="constant",
+            max_steps=task["warmup_steps"] + task["steps"],
+            logging_steps=1,
+            save_steps=10**9,
+            report_to="none",
+            disable_progress_bar=True,
+            kernel_strategy=strategy,
+            seed=task["seed"],
+        )
+        meter = PhaseMeter(device)
+        patches = [
+            (rollout, "generate_rollout", meter.wrap("generation", rollout.generate_rollout)),
+            (update, "per_token_logps", meter.wrap("update", update.per_token_logps)),
+            (update, "micro_step", meter.wrap("update", update.micro_step)),
+        ]
+        saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
+        try:
+            for m, n, f in patches:
+                setattr(m, n, f)
+            trainer = GRPOTrainer(model=task["model"], reward_funcs=_rewards(), args=args, train_dataset=_rows(64, task["seed"]))
+            trainer._score = meter.wrap("scoring", trainer._score)
+            history = trainer.train()
+        finally:
+            for m, n, f in saved:
+                setattr(m, n, f)
+    rows = [r for r in history if "step_time" in r]
+    per_step = [
+        {"step": r["step_time"], **{p: r.get(f"time/{p}") for p in PHASES}, "reward": r.get("reward")}
+        for r in rows[task["warmup_steps"] :]
+    ]
+    return {"per_step": per_step, "peak_extra_bytes": meter.peak, "process_peak_bytes": _process_peak(device)}
+
+
+def _trl_unavailable() -> str | None:
+    import importlib.util
+
+    for mod in ("trl", "datasets"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (pip install trl)"
+    return None
+
+
+def _run_trl(task: dict, device: torch.device) -> dict:
+    import dataclasses
+
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+
+    from grpo.model import load_model
+
+    c = task["config"]
+    model, tokenizer = load_model(task["model"], seed=task["seed"])
+    fields = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    meter = PhaseMeter(device)
+    steps: list[dict] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            self.before = dict(meter.seconds)
+
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            total = time.perf_counter() - self.t0
+            phase = {p: meter.seconds.get(p, 0.0) - self.before.get(p, 0.0) for p in ("generation", "scoring")}
+            steps.append({"step": total, **phase, "update": total - sum(phase.values())})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = dict(
+            output_dir=tmp,
+            num_generations=c["num_generations"],
+            per_device_train_batch_size=c["batch_size"],
+            max_completion_length=c["max_completion_length"],
+            beta=c["beta"],
+            loss_type=c["loss_type"],
+            learning_rate=c["learning_rate"],
+            lr_scheduler_type="constant",
+            max_steps=task["warmup_steps"] + task["steps"],
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=task["seed"],
+            use_cpu=device.type == "cpu",
+            bf16=device.type == "cuda",
+        )
+        if "max_prompt_length" in fields:
+            kw["max_prompt_length"] = c["max_prompt_length"]
+        args = trl.GRPOConfig(**{k: v for k, v in kw.items() if k in fields})
+        trainer = trl.GRPOTrainer(
+            model=model,
+            reward_funcs=_rewards(),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(_rows(64, task["seed"])),
+            processing_class=tokenizer,
+            callbacks=[StepClock()],
+        )
+        trainer._generate = meter.wrap("generation", trainer._generate)
+        trainer._calculate_rewards = meter.wrap("scoring", trainer._calculate_rewards)
+        trainer.training_step = meter.wrap("update", trainer.training_step)
+        trainer.train()
+    return {"per_step": steps[task["warmup_steps"] :], "peak_extra_bytes": meter.peak, "process_peak_bytes": _process_peak(device)}
+
+
+def run_step_task(task: dict, emit) -> None:
+    device = torch.device(task["device"])
+    if task.get("threads"):
+        torch.set_num_threads(int(task["threads"]))
+    rec = {"variant": task["variant"], "model": task["model"], "config": task["config"], "threads": torch.get_num_threads()}
+    try:
+        if task["variant"] == "trl":
+            reason = _trl_unavailable()
+            if reason:
+                emit({**rec, "status": "unavailable", "error": reason})
+                return
+            out = _run_trl(task, device)
+        else:
+            try:
+                import grpo.trainer  # noqa: F401
+            except Exception as exc:
+                emit({**rec, "status": "unavailable", "error": f"grpo.GRPOTrainer is not importable: {exc}"})
+                return
+            out = _run_ours(task, device)
+        rec.update(status="ok", **out, **_summarise(out["per_step"]))
+    except Exception as exc:
+        rec.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500], traceback=traceback.format_exc()[-3000:])
+    emit(rec)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _fmt(v, f="{:.3f}"):
+    return "-" if v is None else f.format(v)
+
+
+def to_markdown(res: dict) -> str:
+    meta, env = res["meta"], res["env"]
+    lines = [
+        "# bench step results",
+        "",
+        f"{env.get('device_name')} | torch {env.get('torch')} | trl {env.get('trl')} | transformers {env.get('transformers')} | "
+        f"git {(meta.get('commit') or 'no commit')[:12]} | {meta.get('date')}",
+        "",
+        f"Command: `{meta.get('command')}`",
+        "",
+        f"Model `{meta['model']}`; config: " + ", ".join(f"{k}={v}" for k, v in meta["config"].items())
+        + f"; median of {meta['steps']} steps after {meta['warmup_steps']} warm-up.",
+        "",
+        "| variant | status | step s | generation s | scoring s | update s | peak gen MiB | peak score MiB | peak update MiB | process peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["records"]:
+        pk = r.get("peak_extra_bytes") or {}
+        mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+        lines.append(
+            f"| {r['variant']} | {r['status']} | {_fmt(r.get('step_s'))} | {_fmt(r.get('generation_s'))} | "
+            f"{_fmt(r.get('scoring_s'))} | {_fmt(r.get('update_s'))} | {_fmt(mib(pk.get('generation')), '{:.1f}')} | "
+            f"{_fmt(mib(pk.get('scoring')), '{:.1f}')} | {_fmt(mib(pk.get('update')), '{:.1f}')} | "
+            f"{_fmt(mib(r.get('process_peak_bytes')), '{:.0f}')} | {(r.get('error') or '').replace('|', '/')[:160]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> dict:
+    from .cli import RESULTS_DIR, call_worker, detect_device, device_slug, git_info
+
+    if args.quick:
+        args.model, args.steps, args.warmup_steps = "tiny", 3, 2
+        if args.threads is None:
+            args.threads = 1
+    variants = [v.strip() for v in args.impls.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"--impls: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.steps < 1 or args.warmup_steps < 0:
+        raise ValueError("--steps must be >= 1 and --warmup-steps >= 0")
+    device = detect_device(args.device)
+    config = {
+        "num_generations": args.num_generations,
+        "batch_size": args.batch_size,
+        "max_completion_length": args.max_completion_length,
+        "max_prompt_length": args.max_prompt_length,
+        "beta": args.beta,
+        "loss_type": args.loss_type,
+        "learning_rate": args.learning_rate,
+    }
+    env: dict = {}
+    call_worker(
+        {"kind": "env", "device": device, "dtypes": [], "threads": args.threads},
+        lambda r: env.update(r["env"]),
+        args.in_process,
+    )
+    started = _dt.datetime.now(_dt.timezone.utc)
+    records = []
+    for v in variants:
+        task = {
+            "kind": "step", "variant": v, "model": args.model, "config": config, "device": device,
+            "steps": args.steps, "warmup_steps": args.warmup_steps, "seed": args.seed, "threads": args.threads,
+        }  # fmt: skip
+        got: list[dict] = []
+        print(f"step: {v} ...", file=sys.stderr, flush=True)
+        rc, tail = call_worker(task, got.append, args.in_process, args.worker_timeout)
+        records += got or [{"variant": v, "model": args.model, "status": "crashed", "error": f"worker exited {rc}: {tail[-400:]}"}]
+    res = {
+        "meta": {
+            "mode": "step", "model": args.model, "config": config, "steps": args.steps, "warmup_steps": args.warmup_steps,
+            "device": device, "date": started.isoformat(timespec="seconds"), "command": "python -m bench " + " ".join(sys.argv[1:]),
+            **git_info(),
+        },
+        "env": env,
+        "records": records,
+    }  # fmt: skip
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{device_slug(env)}-{started.date().isoformat()}"
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"step-{Path(args.model).name}"
+    (out / f"{tag}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    md = to_markdown(res)
+    (out / f"{tag}.md").write_text(md)
+    print(md)
+    print(f"wrote {out / (tag + '.json')}, {out / (tag + '.md')}")
+    return res
