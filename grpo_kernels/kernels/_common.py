@@ -143,6 +143,23 @@ def mma(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def logits_tile(h_rows, w_rows, b_ptr, cols, row_mask, col_mask, H, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_V] tile of hidden @ weight.T (+ bias): h_rows / w_rows point at the tile's rows of
+    hidden and weight; the loop runs over H in BLOCK_K steps on the tensor cores (fp32 accumulation)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        h = tl.load(h_rows[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows[:, None] + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = mma(h, tl.trans(w), acc, DOT_FP32, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def lse_init(BLOCK_M: tl.constexpr):
     m = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_FP32, IS_INTERPRETER, cdiv, check_grid, dot_precision, inv_temperature, mma,
+from ._common import (DOT_FP32, IS_INTERPRETER, cdiv, check_grid, dot_precision, inv_temperature, logits_tile, mma,
                       prepare_row_vector)
 from .fused_forward import check_linear_inputs
 
@@ -48,15 +48,8 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, d
         h_rows = h_ptr + rows.to(tl.int64) * stride_hm
         w_rows = w_ptr + cols.to(tl.int64) * stride_wv
 
-        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < H
-            h = tl.load(h_rows[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_rows[:, None] + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = mma(h, tl.trans(w), acc, DOT_FP32, PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc = logits_tile(h_rows, w_rows, b_ptr, cols, row_mask, col_mask, H, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K,
+                          DOT_FP32, PRECISION)
 
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)

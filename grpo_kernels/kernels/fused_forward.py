@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ._common import (DOT_FP32, IS_INTERPRETER, cdiv, check_device, check_float_matrix, check_grid, dot_precision,
-                      inv_temperature, lse_finish, lse_init, lse_merge, lse_update, mma, num_sms, prepare_bias,
+                      inv_temperature, logits_tile, lse_finish, lse_init, lse_merge, lse_update, num_sms, prepare_bias,
                       prepare_targets, row_major)
 
 
@@ -61,15 +61,8 @@ def _fused_stats_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, 
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         w_rows = w_ptr + cols.to(tl.int64) * stride_wv
-        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < H
-            h = tl.load(h_rows[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_rows[:, None] + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = mma(h, tl.trans(w), acc, DOT_FP32, PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc = logits_tile(h_rows, w_rows, b_ptr, cols, row_mask, col_mask, H, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K,
+                          DOT_FP32, PRECISION)
         z = acc * inv_t
         z_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m, s, a = lse_update(m, s, a, tl.where(col_mask[None, :], z, float("-inf")), WITH_ENTROPY)

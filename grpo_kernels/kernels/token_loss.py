@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..loss_math import LossParts, TokenTerms, _gamma_weights
 from ..options import CLIPPED_LOSS_TYPES, LossOptions
-from ._common import cdiv, check_device, check_grid
+from ._common import cdiv, check_device, check_grid, prepare_row_vector
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -143,17 +143,6 @@ def _token_loss_kernel(logp_ptr, w_ptr, m_ptr, adv_ptr, old_ptr, ref_ptr, rho_pt
     tl.store(part + 4, tl.sum(tl.where(valid & region, m, 0.0), axis=0))
 
 
-def _vector(name: str, t, m: int, device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
-    if tuple(t.shape) != (m,):
-        raise ValueError(f"{name} must have shape ({m},), got {tuple(t.shape)}")
-    check_device(name, t, device)
-    return t.to(torch.float32).contiguous()
-
-
 def token_loss_grad(logp: torch.Tensor, terms: TokenTerms, opts: LossOptions, need_grad: bool = True,
                     phi: Optional[torch.Tensor] = None) -> LossParts:
     """`loss_math.token_loss_and_grad` at token level in one Triton launch. logp: fp32 [M]. For loss_type "vespo",
@@ -173,10 +162,10 @@ def token_loss_grad(logp: torch.Tensor, terms: TokenTerms, opts: LossOptions, ne
     if phi is not None and kind != VESPO:
         raise ValueError(f"phi is VESPO's gamma weight; loss_type={opts.loss_type!r} does not take it")
     logp = logp.contiguous()
-    w = _vector("terms.weight", terms.weight, M, device)
-    m = _vector("terms.mask", terms.mask, M, device)
-    adv = _vector("terms.adv", terms.adv, M, device)
-    opt = lambda name, t: None if t is None else _vector(name, t, M, device)  # noqa: E731
+    w = prepare_row_vector("terms.weight", terms.weight, M, device)
+    m = prepare_row_vector("terms.mask", terms.mask, M, device)
+    adv = prepare_row_vector("terms.adv", terms.adv, M, device)
+    opt = lambda name, t: None if t is None else prepare_row_vector(name, t, M, device)  # noqa: E731
     old = opt("terms.old", terms.old)
     kl_on = terms.ref is not None and opts.beta != 0.0
     ref = opt("terms.ref", terms.ref) if kl_on else None
@@ -185,7 +174,7 @@ def token_loss_grad(logp: torch.Tensor, terms: TokenTerms, opts: LossOptions, ne
         if phi is None:
             log_ratio = torch.zeros_like(logp) if old is None else logp - old
             phi = _gamma_weights(log_ratio, adv, m, terms, opts)
-        phi = _vector("phi", phi, M, device)
+        phi = prepare_row_vector("phi", phi, M, device)
 
     zero = logp.new_zeros(())
     if M == 0:
