@@ -388,17 +388,18 @@ PRESETS: dict[str, dict] = {
         "output_dir": "runs/default",
         "num_generations": 8,
         "per_device_train_batch_size": 32,
-        "max_completion_length": 48,
+        "max_completion_length": 40,
         "max_prompt_length": 256,
-        "learning_rate": 1e-5,
+        "learning_rate": 2e-5,
         "beta": 0.0,
         "loss_type": "dapo",
         "max_steps": 16,
-        "temperature": 1.0,
+        "temperature": 0.7,
         "logging_steps": 1,
-        "save_steps": 8,
+        "save_steps": 16,
         "lr_scheduler_type": "constant",
-        "reward_weights": [1.0, 0.2],
+        "reward_weights": [1.0, 0.0],
+        "eval_max_samples": 48,
     },
     "smoke": {
         "output_dir": "runs/smoke",
@@ -406,24 +407,27 @@ PRESETS: dict[str, dict] = {
         "per_device_train_batch_size": 8,
         "max_completion_length": 8,
         "max_prompt_length": 64,
-        "learning_rate": 1e-4,
+        "learning_rate": 5e-3,
         "beta": 0.0,
         "loss_type": "dapo",
-        "max_steps": 2,
+        "max_steps": 30,
         "temperature": 1.0,
         "logging_steps": 1,
-        "save_steps": 2,
+        "save_steps": 30,
         "lr_scheduler_type": "constant",
-        "reward_weights": [1.0, 0.2],
         "eval_max_samples": 4,
         "disable_progress_bar": True,
     },
 }
 
 PRESET_RUNS: dict[str, dict] = {
-    "default": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dataset": "arithmetic",
-                "reward_funcs": ["gsm8k", "format"]},
-    "smoke": {"model": "tiny-random", "dataset": "arithmetic", "reward_funcs": ["gsm8k", "format"]},
+    # The default run asks for the "#### N" line without "step by step": the 135M model then answers within ~40
+    # tokens, so most completions can be scored on a CPU budget. The format reward is logged but weighted 0: at
+    # 0.2 the model learned to print a bare "#### N" and held-out accuracy fell.
+    "default": {"model": "smollm2-135m-instruct", "dataset": "arithmetic", "reward_funcs": ["gsm8k", "format"],
+                "instruction": 'Give the final answer on its own line in the form "#### <number>".'},
+    # A toy task a tiny random model can learn in a few steps: reward = fraction of the letter 'a'.
+    "smoke": {"model": "tiny", "dataset": "toy", "reward_funcs": ["toy"]},
 }
 
 

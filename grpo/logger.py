@@ -1,0 +1,197 @@
+"""Stage 5: metrics with TRL's names, and where they go.
+
+Values are accumulated between logging steps and averaged (NaN-filtered, as TRL's `log`) when a step is logged.
+Sinks (main rank only): a tqdm progress bar (step, reward, ETA; off for non-TTY or disable_progress_bar),
+`<output_dir>/metrics.jsonl` (one object per logged step, with "step"), TensorBoard when report_to asks for it,
+`<output_dir>/completions.jsonl` when log_completions, and `<output_dir>/reward_curve.png` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+
+def _clean(value):
+    """JSON-safe float (NaN/inf become None, as TRL does for loggers that choke on NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, *, enabled: bool, report_to=None, total_steps: int = 0,
+                 disable_progress_bar: bool = False, log_completions: bool = False,
+                 num_completions_to_print: int | None = None):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+        self.pending: dict[str, list[float]] = defaultdict(list)
+        self.history: list[dict] = []
+        self.log_completions = log_completions and enabled
+        self.num_completions_to_print = num_completions_to_print
+        self.completions: list[dict] = []
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        reports = [report_to] if isinstance(report_to, str) else list(report_to or [])
+        if "tensorboard" in reports:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(self.dir / "runs"))
+            except ImportError:
+                warnings.warn("report_to includes 'tensorboard' but tensorboard is not installed "
+                              "(pip install tensorboard); metrics still go to metrics.jsonl", stacklevel=2)
+        if not disable_progress_bar and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="grpo", unit="step")
+
+    # -- accumulation ------------------------------------------------------------------------------------------
+    def add(self, name: str, value: float) -> None:
+        self.pending[name].append(float(value))
+
+    def add_many(self, values: dict) -> None:
+        for k, v in values.items():
+            self.add(k, v)
+
+    def add_completions(self, step: int, prompts, completions, rewards: dict[str, list], advantages) -> None:
+        if not self.log_completions:
+            return
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            self.completions.append({
+                "step": step, "prompt": p, "completion": c,
+                "rewards": {name: _clean(vals[i]) for name, vals in rewards.items()},
+                "advantage": _clean(advantages[i]),
+            })
+
+    # -- flushing ----------------------------------------------------------------------------------------------
+    def log(self, step: int, extra: dict | None = None) -> dict:
+        """Average what was accumulated, add `extra`, write to every sink; returns the logged row."""
+        row = {"step": step}
+        for name, values in self.pending.items():
+            valid = [v for v in values if not math.isnan(v)]
+            row[name] = sum(valid) / len(valid) if valid else None
+        row.update(extra or {})
+        row = {k: (v if k == "step" else _clean(v)) for k, v in row.items()}
+        self.pending.clear()
+        self.history.append(row)
+        if self.enabled:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step" and v is not None:
+                        self.tb.add_scalar(k if k.startswith("eval/") else f"train/{k}", v, step)
+                self.tb.flush()
+            self._flush_completions()
+        return row
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        """Evaluation results: into metrics.jsonl as their own row (keys already prefixed 'eval/')."""
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if self.enabled:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step" and v is not None:
+                        self.tb.add_scalar(k, v, step)
+
+    def _flush_completions(self) -> None:
+        if not self.completions:
+            return
+        with open(self.dir / "completions.jsonl", "a") as f:
+            for rec in self.completions:
+                f.write(json.dumps(rec, default=str) + "\n")
+        n = self.num_completions_to_print
+        for rec in self.completions[: (len(self.completions) if n is None else n)]:
+            text = rec["completion"] if isinstance(rec["completion"], str) else rec["completion"][-1]["content"]
+            self.write(f"  [step {rec['step']}] adv={rec['advantage']:+.2f} rewards={rec['rewards']} "
+                       f"completion={text[:120]!r}")
+        self.completions.clear()
+
+    def progress(self, step: int, row: dict | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = step
+        if row and row.get("reward") is not None:
+            self.bar.set_postfix(reward=f"{row['reward']:.3f}", refresh=False)
+        self.bar.refresh()
+
+    def write(self, text: str) -> None:
+        """Print without breaking the progress bar (main rank only)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    # -- resume / end --------------------------------------------------------------------------------------------
+    def restore(self, history: list[dict], start_step: int) -> None:
+        """Continue a run: keep the checkpoint's history and rewrite metrics.jsonl from it, dropping rows logged
+        after the checkpoint by the interrupted run (they are about to be recomputed)."""
+        self.history = [dict(r) for r in history if r["step"] <= start_step]
+        if self.enabled:
+            with open(self.dir / "metrics.jsonl", "w") as f:
+                for r in self.history:
+                    f.write(json.dumps(r) + "\n")
+            if self.bar is not None:
+                self.bar.n = start_step
+                self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_reward_curve(history: list[dict], path: str | os.PathLike, reward_names: list[str]) -> Path | None:
+    """reward (and each reward function's mean) against step; eval accuracy when present. None if no matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: skipping reward_curve.png (pip install matplotlib)", stacklevel=2)
+        return None
+    train = [r for r in history if r.get("reward") is not None]
+    evals = [r for r in history if r.get("eval/accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        rewards = [r["reward"] for r in train]
+        ax.plot(steps, rewards, marker="o", lw=1, alpha=0.5, label="reward (train)")
+        if len(train) >= 6:  # a trailing mean shows the trend through the per-batch noise
+            k = max(3, len(train) // 5)
+            smooth = [sum(rewards[max(0, i - k + 1) : i + 1]) / len(rewards[max(0, i - k + 1) : i + 1])
+                      for i in range(len(rewards))]
+            ax.plot(steps, smooth, lw=2.5, color="C0", label=f"reward (train, mean of {k} steps)")
+        for name in reward_names:
+            key = f"rewards/{name}/mean"
+            if len(reward_names) > 1 and any(r.get(key) is not None for r in train):
+                ax.plot(steps, [r.get(key) for r in train], ls="--", lw=1, label=key)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="s", color="k",
+                label="eval/accuracy (held out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title("GRPO reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

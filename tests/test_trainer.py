@@ -1,0 +1,380 @@
+"""The GRPO loop on a tiny random Llama (CPU): end-to-end runs, stage semantics, and the math the loop owns
+(completion alignment, gradient-accumulation normalizers). Kernel numerics are tested in the kernel test files."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from grpo import cli, rollout, update
+from grpo.config import GRPOConfig
+from grpo.model import build_tiny_tokenizer, load_model
+from grpo.trainer import GRPOTrainer
+
+TRAIN_KEYS = {
+    "step", "reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+    "clip_ratio/region_mean", "completions/mean_length", "completions/min_length", "completions/max_length",
+    "completions/clipped_ratio", "loss", "grad_norm", "learning_rate", "num_tokens", "step_time", "time/generation",
+    "time/scoring", "time/update", "tokens_per_second",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models are dominated by per-op overhead; extra intra-op threads only spin on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Helpers shared with test_checkpoint.py and test_distributed.py (imported as a module there).
+# ------------------------------------------------------------------------------------------------------------------
+def toy_rows(n=16):
+    return [{"prompt": [{"role": "user", "content": f"Write a {i}"}], "target": "a"} for i in range(n)]
+
+
+def letter_a_reward(completions, target, **kwargs):
+    texts = [c[-1]["content"] for c in completions]
+    return [sum(ch == t for ch in text) / max(1, len(text)) for text, t in zip(texts, target)]
+
+
+def fake_generate(model, tokenizer, prompt_ids, max_new_tokens, eos_ids, sampling, batch_size=None):
+    """A deterministic sampler: the k-th copy of a prompt in the call gets a completion seeded by (prompt, k).
+
+    Independent of the torch RNG and of how a batch is split, so runs that see the same groups see the same data."""
+    specials = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in specials]
+    seen, out = Counter(), []
+    for ids in prompt_ids:
+        key = tuple(ids)
+        g = random.Random(hash((key, seen[key])))
+        seen[key] += 1
+        if g.random() < 0.7:  # terminated: EOS somewhere within the budget
+            n = g.randint(1, max_new_tokens)
+            out.append([g.choice(vocab) for _ in range(n - 1)] + [eos_ids[0]])
+        else:  # truncated: the whole budget, no EOS
+            out.append([g.choice(vocab) for _ in range(max_new_tokens)])
+    return out
+
+
+def make_config(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+                max_prompt_length=32, learning_rate=1e-3, max_steps=2, save_steps=100, lr_scheduler_type="constant",
+                disable_progress_bar=True, seed=7, logging_steps=1)
+    base.update(overrides)
+    return GRPOConfig(**base)
+
+
+def make_trainer(tmp_path, fake=True, rows=None, **overrides):
+    args = make_config(tmp_path, **overrides)
+    trainer = GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=rows or toy_rows())
+    if fake:
+        trainer.generate_fn = fake_generate
+    return trainer
+
+
+def read_rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# End to end
+# ------------------------------------------------------------------------------------------------------------------
+def test_cli_smoke_run_writes_metrics_checkpoints_and_curve(tmp_path):
+    out = tmp_path / "smoke"
+    cli.main(["train", "--preset", "smoke", "--output_dir", str(out), "--model", "tiny", "--dataset", "toy",
+              "--reward_funcs", "toy", "--reward_weights", "none", "--max_steps", "2", "--save_steps", "1",
+              "--eval_max_samples", "4", "--log_completions", "true", "--num_completions_to_print", "0"])
+    rows = [r for r in read_rows(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        missing = (TRAIN_KEYS | {"rewards/letter_a_reward/mean", "rewards/letter_a_reward/std"}) - set(r)
+        assert not missing, missing
+        assert r["num_tokens"] > 0 and r["completions/max_length"] <= 8
+    assert rows[1]["num_tokens"] > rows[0]["num_tokens"]  # cumulative
+    for step in (1, 2):
+        ckpt = out / f"checkpoint-{step}"
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt",
+                     "rng_state.pt", "trainer_state.json"):
+            assert (ckpt / name).is_file(), f"{ckpt}/{name}"
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["step"] == step and state["config"]["max_steps"] == 2
+    assert (out / "reward_curve.png").stat().st_size > 1000
+    completions = read_rows(out / "completions.jsonl")
+    assert {"step", "prompt", "completion", "rewards", "advantage"} <= set(completions[0])
+    assert len(completions) == 2 * 8
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results["after"]["eval/accuracy"] <= 1.0
+
+
+def test_reward_rises_on_toy_task(tmp_path):
+    """Real sampling from the tiny model; reward = fraction of 'a' characters. Fixed seed, so deterministic."""
+    trainer = make_trainer(tmp_path, fake=False, num_generations=8, per_device_train_batch_size=32,
+                           max_completion_length=8, learning_rate=3e-3, max_steps=24, loss_type="dapo")
+    history = trainer.train()
+    rewards = [r["reward"] for r in history if "reward" in r]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.15, rewards
+
+
+def test_kl_and_old_logps_paths(tmp_path):
+    # num_iterations=2 with gas=1: the second pass sees a policy that moved, so old log-probs are needed.
+    trainer = make_trainer(tmp_path, beta=0.1, num_iterations=2, max_steps=2, learning_rate=5e-3, epsilon=0.01)
+    seen = {}
+    original = update.micro_step
+
+    def spy(model, loss_fn, mb, args, world_size):
+        seen.setdefault("old", mb.old_logps is not None)
+        seen.setdefault("ref", mb.ref_logps is not None)
+        return original(model, loss_fn, mb, args, world_size)
+
+    update.micro_step, saved = spy, update.micro_step
+    try:
+        history = trainer.train()
+    finally:
+        update.micro_step = saved
+    assert seen == {"old": True, "ref": True}
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    assert all("kl" in r for r in history)
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+    assert history[1]["kl"] > 0.0
+    assert history[1]["clip_ratio/region_mean"] > 0.0  # second pass over the same batch: ratios moved past 1±0.01
+
+
+def test_no_old_logps_when_batch_is_used_within_one_step(tmp_path):
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1)
+    trainer.train()
+    assert all(mb.old_logps is None and mb.ref_logps is None for mb in trainer.buffer)
+
+
+def test_top_entropy_quantile_is_refused(tmp_path):
+    with pytest.raises(NotImplementedError, match="top_entropy_quantile"):
+        make_trainer(tmp_path, top_entropy_quantile=0.2)
+
+
+def test_reward_weights_must_match_functions(tmp_path):
+    with pytest.raises(ValueError, match="reward_weights"):
+        make_trainer(tmp_path, reward_weights=[1.0, 0.5])
+
+
+def test_evaluate_reports_accuracy_per_reward(tmp_path):
+    args = make_config(tmp_path, eval_max_samples=5)
+    trainer = GRPOTrainer("tiny", [letter_a_reward, letter_a_reward], args=args, train_dataset=toy_rows(),
+                          eval_dataset=toy_rows(9))
+    trainer.generate_fn = fake_generate
+    metrics = trainer.evaluate()
+    assert metrics["eval/num_samples"] == 5
+    assert {"eval/accuracy", "eval/reward", "eval/rewards/letter_a_reward/mean",
+            "eval/rewards/letter_a_reward_2/mean"} <= set(metrics)
+    assert metrics["eval/reward"] == pytest.approx(2 * metrics["eval/rewards/letter_a_reward/mean"], rel=1e-5)
+
+
+def test_eval_steps_logs_eval_rows(tmp_path):
+    args = make_config(tmp_path, eval_strategy="steps", eval_steps=1, eval_max_samples=3)
+    trainer = GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=toy_rows(), eval_dataset=toy_rows(4))
+    trainer.generate_fn = fake_generate
+    trainer.train()
+    evals = [r for r in read_rows(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stage semantics
+# ------------------------------------------------------------------------------------------------------------------
+def test_prompt_sampler_follows_repeat_sampler_order():
+    s = rollout.PromptSampler(num_rows=10, prompts_per_batch=3, num_generations=2, seed=5)
+    assert s.batches_per_epoch == 3
+    epoch = [s.next_batch() for _ in range(3)]
+    for batch in epoch:  # groups of num_generations identical indices, back to back
+        assert len(batch) == 6 and all(batch[i] == batch[i + 1] for i in range(0, 6, 2))
+    firsts = [i for b in epoch for i in b[::2]]
+    assert len(set(firsts)) == 9  # no prompt twice in an epoch; the incomplete tail (1 prompt) is dropped
+    state = s.state_dict()
+    nxt = s.next_batch()
+    assert s.epoch == 1 and sorted(set(nxt)) != sorted(set(epoch[0]))  # a fresh permutation next epoch
+    t = rollout.PromptSampler(num_rows=10, prompts_per_batch=3, num_generations=2, seed=5)
+    t.load_state_dict(state)
+    assert t.next_batch() == nxt
+    unshuffled = rollout.PromptSampler(10, 3, 2, seed=5, shuffle=False)
+    assert unshuffled.next_batch() == [0, 0, 1, 1, 2, 2]
+    assert rollout.rank_slice(list(range(8)), 1, 2) == [4, 5, 6, 7]
+
+
+def test_rollout_masks_and_truncation(tmp_path):
+    model, tok = load_model("tiny")
+    eos = tok.eos_token_id
+    completions = [[20, 21, eos, 22], [20, 21, 22, 23], [eos]]  # EOS then junk | truncated | immediate EOS
+
+    def scripted(model, tokenizer, prompt_ids, max_new, eos_ids, sampling, batch_size=None):
+        return [c[: c.index(eos) + 1] if eos in c else c for c in completions]  # what hf_generate returns
+
+    rows = [{"prompt": "ab"}, {"prompt": [{"role": "user", "content": "xyz"}]}, {"prompt": "q"}]
+    for masked in (False, True):
+        args = make_config(tmp_path, max_completion_length=4, mask_truncated_completions=masked)
+        b = rollout.generate_rollout(model, tok, rows, args, scripted)
+        assert b.is_truncated.tolist() == [False, True, False]
+        expect = [[1, 1, 1, 0], [0 if masked else 1] * 4, [1, 0, 0, 0]]
+        assert b.completion_mask.tolist() == expect
+        assert b.completion_ids[0, :3].tolist() == [20, 21, eos] and b.completion_ids[0, 3] == tok.pad_token_id
+        assert b.prompt_mask[0].tolist()[-2:] == [1, 1] and b.prompt_mask[0, 0] == 0  # left padded
+        assert b.completions[1] == [{"role": "assistant", "content": tok.decode([20, 21, 22, 23])}]
+    # The chat template with the generation prompt is what the model sees for conversational prompts.
+    ids = rollout.tokenize_prompts(tok, [rows[1]["prompt"]])[0]
+    assert tok.decode(ids) == "<|user|>xyz\n<|assistant|>"
+    assert len(rollout.tokenize_prompts(tok, ["x" * 50], max_prompt_length=7)[0]) == 7
+
+
+def test_hf_generate_cuts_after_first_eos_and_respects_budget():
+    model, tok = load_model("tiny")
+    model.eval()
+    torch.manual_seed(0)
+    prompts = rollout.tokenize_prompts(tok, ["hello", "a much longer prompt here"])
+    outs = rollout.hf_generate(model, tok, prompts, 12, [tok.eos_token_id], rollout.sampling_kwargs(
+        make_config("/tmp/unused", temperature=1.5)))
+    for c in outs:
+        assert 1 <= len(c) <= 12
+        assert tok.eos_token_id not in c[:-1]
+
+
+def test_completion_logps_match_full_logits():
+    """Hidden state p predicts token p+1: the completion log-probs equal log_softmax of the model's own logits."""
+    model, tok = load_model("tiny")
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [[int(x) for x in torch.randint(10, 90, (n,), generator=g)] for n in (3, 7, 5)]
+    prompts.append(prompts[1])  # a repeated prompt takes the shared-prefix path
+    comps = [[int(x) for x in torch.randint(10, 90, (n,), generator=g)] for n in (4, 2, 6, 5)]
+    p_ids, p_mask = rollout.pad(prompts, tok.pad_token_id, "left")
+    c_ids, c_mask = rollout.pad(comps, tok.pad_token_id, "right")
+    batch = rollout.Rollout(rows=[{}] * 4, prompts=[""] * 4, completions=[""] * 4, completion_id_lists=comps,
+                            prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
+                            is_truncated=torch.zeros(4, dtype=torch.bool))
+    args = make_config("/tmp/unused", temperature=0.7, per_device_train_batch_size=4)
+    got = update.per_token_logps(model, batch, args)
+    for i, (p, c) in enumerate(zip(prompts, comps)):  # each sequence alone, unpadded, full logits in float64
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c])).logits[0].double() / 0.7
+        ref = torch.log_softmax(logits[len(p) - 1 : len(p) + len(c) - 1], -1).gather(1, torch.tensor(c)[:, None])[:, 0]
+        torch.testing.assert_close(got[i, : len(c)].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prompt_forward_equals_full_forward():
+    """Repeated prompts run once and their KV cache is expanded (the fast path): same hidden states and
+    gradients as running every row's prompt + completion (the path taken under gradient checkpointing)."""
+    model, tok = load_model("tiny")
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    prompts = [[int(x) for x in torch.randint(10, 90, (n,), generator=g)] for n in (5, 9, 3)]
+    rows = [prompts[i] for i in torch.randperm(12, generator=g).remainder(3).tolist()]  # repeated, shuffled
+    lengths = torch.randint(1, 7, (12,), generator=g)
+    comps = [[int(x) for x in torch.randint(10, 90, (n,), generator=g)] for n in lengths]
+    p_ids, p_mask = rollout.pad(rows, tok.pad_token_id, "left")
+    c_ids, c_mask = rollout.pad(comps, tok.pad_token_id, "right")
+    batch = rollout.Rollout(rows=[{}] * 12, prompts=[""] * 12, completions=[""] * 12, completion_id_lists=comps,
+                            prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
+                            is_truncated=torch.zeros(12, dtype=torch.bool))
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        hidden = update.completion_hidden(model, batch)
+        (hidden * c_mask[..., None]).pow(3).sum().backward()
+        results.append((hidden.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad()
+    (h_fast, g_fast), (h_full, g_full) = results
+    torch.testing.assert_close(h_fast, h_full, rtol=1e-5, atol=1e-5)
+    assert len(g_fast) == len(g_full)
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * b.abs().max().item())
+
+
+def test_micro_step_normalizers_follow_trl(tmp_path):
+    """dapo: the loss of a micro-batch is sum(token losses) / (N_global * gas / (W * spg)); grpo: mean / gas."""
+    import grpo_kernels.reference as ref
+
+    model, tok = load_model("tiny")
+    g = torch.Generator().manual_seed(1)
+    comps = [[int(x) for x in torch.randint(10, 90, (n,), generator=g)] for n in (4, 2, 6, 3)]
+    p_ids, p_mask = rollout.pad([[20, 21, 22]] * 4, tok.pad_token_id, "left")
+    c_ids, c_mask = rollout.pad(comps, tok.pad_token_id, "right")
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    batch = rollout.Rollout(rows=[{}] * 4, prompts=[""] * 4, completions=[""] * 4, completion_id_lists=comps,
+                            prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
+                            is_truncated=torch.zeros(4, dtype=torch.bool), advantages=adv, num_items_in_batch=40.0)
+    for loss_type, gas, spg, world in (("dapo", 2, 4, 1), ("dapo", 1, 2, 2), ("grpo", 4, 4, 1), ("bnpo", 2, 2, 1)):
+        args = make_config(tmp_path, loss_type=loss_type, gradient_accumulation_steps=gas,
+                           per_device_train_batch_size=4, steps_per_generation=spg, num_generations=2)
+        loss, _ = update.micro_step(model, update.make_loss_fn(args), batch, args, world)
+        model.zero_grad()
+        with torch.no_grad():
+            hidden = update.completion_hidden(model, batch).double()
+        weight = model.get_output_embeddings().weight.detach().double()
+        if loss_type == "dapo":
+            expect, _ = ref.reference_fused_linear_grpo_loss(hidden, weight, c_ids, c_mask, adv.double(),
+                                                             num_items_in_batch=40.0 * gas / (world * spg),
+                                                             loss_type="dapo")
+        else:
+            expect, _ = ref.reference_fused_linear_grpo_loss(hidden, weight, c_ids, c_mask, adv.double(),
+                                                             loss_type=loss_type)
+            expect = expect / gas
+        assert loss == pytest.approx(float(expect), rel=1e-4, abs=1e-7), (loss_type, gas, spg, world)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, loss_type):
+    """The same generation batch as 2 accumulated micro-batches or 1 batch gives the same update (TRL's
+    normalizers are chosen for this; bnpo is the one loss type where they differ)."""
+    params = []
+    for pdb, gas in ((8, 1), (4, 2)):
+        trainer = make_trainer(tmp_path / f"{pdb}", per_device_train_batch_size=pdb, gradient_accumulation_steps=gas,
+                               max_steps=1, loss_type=loss_type, learning_rate=1e-2,
+                               adam_epsilon=1e-3)  # update ~ g for small g: compares gradients, not signs
+        trainer.train()
+        params.append(torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    trainer = make_trainer(tmp_path, bf16=True, max_steps=1)
+    history = trainer.train()
+    assert next(trainer.model.parameters()).dtype == torch.float32  # fp32 master weights
+    assert history[0]["grad_norm"] > 0
+
+
+def test_tiny_tokenizer_round_trips():
+    tok = build_tiny_tokenizer()
+    text = "Q: 12 + 7?\n#### 19"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True) == "<|user|>hi\n<|assistant|>"
+
+
+def test_report_to_tensorboard(tmp_path):
+    import importlib.util
+
+    trainer = make_trainer(tmp_path, max_steps=1, report_to="tensorboard")
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.warns(UserWarning, match="tensorboard is not installed"):
+            trainer.train()
+    else:
+        trainer.train()
+        assert any((tmp_path / "runs").iterdir())
+    assert (tmp_path / "metrics.jsonl").is_file()  # metrics.jsonl is written either way
+
+
+def test_model_names_resolve_locally(tmp_path):
+    from grpo.model import resolve_model_dir
+
+    assert resolve_model_dir("tiny") is None and resolve_model_dir("tiny-random") is None
+    with pytest.raises(FileNotFoundError, match="hub downloads are not used"):
+        resolve_model_dir(str(tmp_path / "nowhere"))
+    model, tok = load_model("tiny", model_init_kwargs={"torch_dtype": "bfloat16"})
+    assert next(model.parameters()).dtype == torch.bfloat16 and tok.padding_side == "left"
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        load_model("tiny", model_init_kwargs={"dtype": "float77"})
