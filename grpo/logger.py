@@ -83,29 +83,27 @@ class MetricsLogger:
         row.update(extra or {})
         row = {k: (v if k == "step" else _clean(v)) for k, v in row.items()}
         self.pending.clear()
-        self.history.append(row)
+        self._write(row, step)
         if self.enabled:
-            with open(self.dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "step" and v is not None:
-                        self.tb.add_scalar(k if k.startswith("eval/") else f"train/{k}", v, step)
-                self.tb.flush()
             self._flush_completions()
         return row
 
+    def _write(self, row: dict, step: int) -> None:
+        """Append a row to the history, metrics.jsonl and TensorBoard (train metrics under train/)."""
+        self.history.append(row)
+        if not self.enabled:
+            return
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    self.tb.add_scalar(k if k.startswith("eval/") else f"train/{k}", v, step)
+            self.tb.flush()
+
     def log_eval(self, step: int, metrics: dict) -> None:
         """Evaluation results: into metrics.jsonl as their own row (keys already prefixed 'eval/')."""
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self.history.append(row)
-        if self.enabled:
-            with open(self.dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "step" and v is not None:
-                        self.tb.add_scalar(k, v, step)
+        self._write({"step": step, **{k: _clean(v) for k, v in metrics.items()}}, step)
 
     def _flush_completions(self) -> None:
         if not self.completions:
