@@ -144,7 +144,12 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
         if ref_input is None or ref_weight is None:
             raise ValueError("computing the reference log-probs needs both ref_input and ref_weight "
                              "(or pass ref_per_token_logps)")
-        checks.check_linear(ref_input, ref_weight, ref_bias, tuple(ids.shape), "ref_input", "ref_weight", "ref_bias")
+        ref_v, _ = checks.check_linear(ref_input, ref_weight, ref_bias, tuple(ids.shape), "ref_input", "ref_weight",
+                                       "ref_bias")
+        if ref_v != V:
+            raise ValueError(f"ref_weight has vocab size {ref_v} (shape {tuple(ref_weight.shape)}) but weight has {V}")
+        if ref_input.device != hidden.device:
+            raise ValueError(f"ref_input is on {ref_input.device} but hidden is on {hidden.device}")
     backend = resolve_backend(opts.backend, hidden.device, hidden.dtype)
     ops = get_ops(backend)
     acc = _acc_dtype(hidden.dtype)
@@ -159,5 +164,6 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
                                            opts.temperature, False, strategy, ops, chunk)
         plan.ref = torch.zeros_like(plan.mask).index_copy_(0, plan.rows, ref_rows.to(plan.mask.dtype))
     fn = FusedGRPOLoss if strategy == "fused" else ChunkedGRPOLoss
-    loss, kl, clip, low, high, entropy = fn.apply(hidden.reshape(-1, H), weight, bias, plan, opts, ops, chunk, kl_on)
+    loss, kl, clip, low, high, entropy = fn.apply(hidden.reshape(-1, H), weight, bias, plan, opts, ops, chunk, kl_on,
+                                                  torch.is_grad_enabled())
     return loss, LossMetrics(kl, clip, low, high, entropy)

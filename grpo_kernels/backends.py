@@ -16,7 +16,8 @@ def triton_available() -> bool:
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Triton's own reading of TRITON_INTERPRET (1 / true / on / yes, any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -111,8 +111,11 @@ def _mm_acc(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=out_dtype)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, NotImplementedError):  # a torch without mm(out_dtype=...)
             pass
+        except RuntimeError as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
     return (a @ b).to(out_dtype)
 
 
@@ -179,12 +182,20 @@ def _skipped_entropy(h2d, weight, bias, plan, opts, strategy, ops, chunk_size) -
     return (plan.mask.index_select(0, rows).to(ent.dtype) * ent).sum()
 
 
+def _needs(ctx, bias, grad_on: bool) -> tuple:
+    """Which of (hidden, weight, bias) get gradients. ctx.needs_input_grad alone stays True under torch.no_grad
+    (the caller passes torch.is_grad_enabled()), and the forward must not pay for gradients nobody will read."""
+    n = ctx.needs_input_grad
+    return (grad_on and n[0], grad_on and n[1], grad_on and bias is not None and n[2])
+
+
 class ChunkedGRPOLoss(torch.autograd.Function):
     """Loss and metrics; gradients computed chunk by chunk during the forward."""
 
     @staticmethod
-    def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool,
+                grad_on: bool):
+        needs = _needs(ctx, bias, grad_on)
         need_grad = any(needs)
         acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
         totals = _Totals.zeros(h2d.device, acc)
@@ -217,15 +228,16 @@ class ChunkedGRPOLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         d_hidden, d_weight, d_bias = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None
+        return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
 
 
 class FusedGRPOLoss(torch.autograd.Function):
     """Loss and metrics from streamed statistics; the backward recomputes the logits tile by tile."""
 
     @staticmethod
-    def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool,
+                grad_on: bool):
+        needs = _needs(ctx, bias, grad_on)
         acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
         totals = _Totals.zeros(h2d.device, acc)
         h_rows = h2d.index_select(0, plan.rows)
@@ -263,7 +275,7 @@ class FusedGRPOLoss(torch.autograd.Function):
             d_weight = torch.zeros_like(weight) if d_weight is None else d_weight.to(weight.dtype)
         if needs[2]:
             d_bias = torch.zeros_like(bias) if d_bias is None else d_bias.to(bias.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------ log-probs only

@@ -8,13 +8,14 @@ avoids the cancellation of `lse - E_p[z]` when |z| is large (~1e4).
 """
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-IS_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+from ..backends import interpreter_enabled
+
+IS_INTERPRETER = interpreter_enabled()  # read once: triton.jit decides interpreter vs compiler at import
 
 # Under the interpreter tl.dot on bf16 operands is wrong (it multiplies the raw storage), so every dot operand is
 # cast to fp32 there; on the GPU the operands stay in the input dtype for the tensor cores.

@@ -1,0 +1,48 @@
+"""Guards found in review: no gradient work under torch.no_grad, reference-model inputs checked up front."""
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels import strategies
+
+
+def _inputs(B=3, T=5, H=16, V=29, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    W = torch.randn(V, H, generator=g, requires_grad=True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    return h, W, ids, torch.ones(B, T), torch.randn(B, generator=g)
+
+
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_no_grad_forward_does_no_gradient_work(strategy, monkeypatch):
+    calls = []
+    real = strategies.loss_parts
+
+    def spy(ops, logp, terms, opts, need_grad):
+        calls.append(need_grad)
+        return real(ops, logp, terms, opts, need_grad)
+
+    monkeypatch.setattr(strategies, "loss_parts", spy)
+    monkeypatch.setattr(strategies._Grads, "add", lambda *a, **k: calls.append(True))
+    h, W, ids, mask, adv = _inputs()
+    with torch.no_grad():
+        loss, _ = gk.fused_linear_grpo_loss(h, W, ids, mask, adv, strategy=strategy, backend="torch", chunk_size=4)
+    assert calls and not any(calls), "gradients were computed under torch.no_grad"
+    with_grad, _ = gk.fused_linear_grpo_loss(h, W, ids, mask, adv, strategy=strategy, backend="torch")
+    assert torch.allclose(loss, with_grad.detach())
+
+
+def test_reference_weight_vocab_and_device_checked():
+    h, W, ids, mask, adv = _inputs()
+    with pytest.raises(ValueError, match="ref_weight has vocab size 5"):
+        gk.fused_linear_grpo_loss(h, W, ids, mask, adv, beta=0.1, ref_input=h.detach(),
+                                  ref_weight=torch.randn(5, W.shape[1]))
+
+
+def test_interpreter_flag_parsed_like_triton(monkeypatch):
+    from grpo_kernels.backends import interpreter_enabled
+    for value, expected in [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False), ("", False)]:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert interpreter_enabled() is expected
