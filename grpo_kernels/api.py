@@ -38,12 +38,13 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     targets = checks.check_targets("targets", targets, V, None, validate)
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
-    ops = get_ops(resolve_backend(opts.backend, hidden.device, hidden.dtype))
+    backend = resolve_backend(opts.backend, hidden.device, hidden.dtype)
+    ops = get_ops(backend)
     h2d = hidden.reshape(-1, H)
     flat = targets.reshape(-1).long()
     N = flat.numel()
     strat = choose_strategy(opts.strategy, N, V, hidden.dtype, hidden.device)
-    chunk = opts.chunk_size or default_chunk_size(N, V, hidden.dtype, hidden.device)
+    chunk = opts.chunk_size or default_chunk_size(N, V, hidden.dtype, hidden.device, backend == "torch")
     logp, entropy = LinearLogprobs.apply(h2d, weight, bias, flat, float(temperature), return_entropy, strat, ops,
                                          chunk)
     logp = logp.reshape(targets.shape)
@@ -156,7 +157,8 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
     kl_on = opts.beta != 0.0 and (ref is not None or ref_from_model)
     plan = make_plan(ids, mask, adv, old, ref, rho, num_items, opts, kl_on, acc)
     strategy = choose_strategy(opts.strategy, plan.num_rows, V, hidden.dtype, hidden.device)
-    chunk = opts.chunk_size or default_chunk_size(plan.num_rows, V, hidden.dtype, hidden.device)
+    chunk = opts.chunk_size or default_chunk_size(plan.num_rows, V, hidden.dtype, hidden.device,
+                                                  backend == "torch")
     if ref_from_model:  # reference log-probs of the tokens that need them, without grad
         with torch.no_grad():
             ref_h = ref_input.reshape(-1, ref_input.shape[-1]).index_select(0, plan.rows)

@@ -27,14 +27,18 @@ _GIB = 1 << 30
 
 # ------------------------------------------------------------------------------------------- sizing, choice
 
-def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk so that the chunk's logits (plus the torch path's fp32 temporaries) stay modest."""
+def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                       torch_epilogue: bool = False) -> int:
+    """Rows per chunk so that the chunk's logits stay modest. The Triton epilogue works in place on the buffer;
+    the torch one (backend="torch") also makes about three fp32 temporaries of the chunk, which count too."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    per_row = vocab * (elt + (12 if torch_epilogue and dtype != torch.float32 else 8 if torch_epilogue else 0))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget, elt = min(free // 4, int(2.5 * _GIB)), torch.empty((), dtype=dtype).element_size()
-    else:  # CPU: small chunks cost little GEMM efficiency and keep the torch epilogue's fp32 temporaries small
-        budget, elt = 32 << 20, 4
-    rows = max(16, budget // max(1, vocab * elt))
+        budget = min(free // 4, int(2.5 * _GIB))
+    else:  # CPU: small chunks cost little GEMM efficiency and keep the epilogue's temporaries small
+        budget, per_row = 32 << 20, vocab * 4
+    rows = max(16, budget // max(1, per_row))
     if rows > 256:
         rows -= rows % 256  # GEMM-friendly
     return int(min(rows, max(num_rows, 1)))
