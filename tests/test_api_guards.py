@@ -46,3 +46,17 @@ def test_interpreter_flag_parsed_like_triton(monkeypatch):
     for value, expected in [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False), ("", False)]:
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert interpreter_enabled() is expected
+
+
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_repeated_backward_with_retain_graph_accumulates(strategy):
+    # Gradients made in the forward must not be handed to autograd by reference: accumulation into .grad
+    # would then modify them and a retained graph would give wrong (or refused) second backwards.
+    h, W, ids, mask, adv = _inputs()
+    loss, _ = gk.fused_linear_grpo_loss(h, W, ids, mask, adv, strategy=strategy, backend="torch")
+    loss.backward(retain_graph=True)
+    g_h, g_w = h.grad.clone(), W.grad.clone()
+    loss.backward(retain_graph=True)
+    (2 * loss).backward()
+    assert torch.allclose(h.grad, 4 * g_h, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(W.grad, 4 * g_w, rtol=1e-5, atol=1e-7)
