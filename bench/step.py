@@ -161,6 +161,15 @@ def _summarise(per_step: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------------ variants
 
 
+def _shared_args(task: dict, output_dir: str) -> dict:
+    """The config both trainers get, under the field names they share (ours are TRL's)."""
+    c = task["config"]
+    return dict(output_dir=output_dir, num_generations=c["num_generations"], per_device_train_batch_size=c["batch_size"],
+                max_completion_length=c["max_completion_length"], beta=c["beta"], loss_type=c["loss_type"],
+                learning_rate=c["learning_rate"], lr_scheduler_type="constant",
+                max_steps=task["warmup_steps"] + task["steps"], logging_steps=1, report_to="none", seed=task["seed"])
+
+
 def _run_ours(task: dict, device: torch.device) -> dict:
     import grpo.rollout as rollout
     import grpo.update as update
@@ -169,24 +178,8 @@ def _run_ours(task: dict, device: torch.device) -> dict:
     c = task["config"]
     strategy = task["variant"].split("-", 1)[1]
     with tempfile.TemporaryDirectory() as tmp:
-        args = GRPOConfig(
-            output_dir=tmp,
-            num_generations=c["num_generations"],
-            per_device_train_batch_size=c["batch_size"],
-            max_completion_length=c["max_completion_length"],
-            max_prompt_length=c["max_prompt_length"],
-            beta=c["beta"],
-            loss_type=c["loss_type"],
-            learning_rate=c["learning_rate"],
-            lr_scheduler_type="constant",
-            max_steps=task["warmup_steps"] + task["steps"],
-            logging_steps=1,
-            save_steps=10**9,
-            report_to="none",
-            disable_progress_bar=True,
-            kernel_strategy=strategy,
-            seed=task["seed"],
-        )
+        args = GRPOConfig(**_shared_args(task, tmp), max_prompt_length=c["max_prompt_length"], save_steps=10**9,
+                          disable_progress_bar=True, kernel_strategy=strategy)
         meter = PhaseMeter(device)
         patches = [
             (rollout, "generate_rollout", meter.wrap("generation", rollout.generate_rollout)),
@@ -248,24 +241,8 @@ def _run_trl(task: dict, device: torch.device) -> dict:
             steps.append({"step": total, **phase, "update": total - sum(phase.values())})
 
     with tempfile.TemporaryDirectory() as tmp:
-        kw = dict(
-            output_dir=tmp,
-            num_generations=c["num_generations"],
-            per_device_train_batch_size=c["batch_size"],
-            max_completion_length=c["max_completion_length"],
-            beta=c["beta"],
-            loss_type=c["loss_type"],
-            learning_rate=c["learning_rate"],
-            lr_scheduler_type="constant",
-            max_steps=task["warmup_steps"] + task["steps"],
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=task["seed"],
-            use_cpu=device.type == "cpu",
-            bf16=device.type == "cuda",
-        )
+        kw = dict(**_shared_args(task, tmp), save_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu",
+                  bf16=device.type == "cuda")
         if "max_prompt_length" in fields:
             kw["max_prompt_length"] = c["max_prompt_length"]
         args = trl.GRPOConfig(**{k: v for k, v in kw.items() if k in fields})

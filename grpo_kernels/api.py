@@ -65,12 +65,12 @@ def _check_grpo_inputs(ids, attention_mask, advantages, old, ref, vllm_is_ratio,
 
 class _LossFromLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp_flat, plan, opts, ops):
+    def forward(ctx, logp_flat, plan, opts, ops, grad_on: bool):
         parts = None
         grad = torch.zeros_like(logp_flat)
-        if plan.num_rows:
+        if plan.num_rows:  # ctx.needs_input_grad stays True under torch.no_grad: grad_on is the caller's grad mode
             parts = loss_parts(ops, logp_flat.index_select(0, plan.rows), plan.terms(0, plan.num_rows), opts,
-                               ctx.needs_input_grad[0])
+                               grad_on and ctx.needs_input_grad[0])
             if parts.grad is not None:
                 grad.index_copy_(0, plan.rows, parts.grad)
         ctx.save_for_backward(grad)
@@ -84,7 +84,7 @@ class _LossFromLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None
+        return grad * grad_loss, None, None, None, None
 
 
 def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tensor,
@@ -109,7 +109,8 @@ def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tenso
     plan = make_plan(torch.zeros_like(logp, dtype=torch.long), mask, adv, old, ref, rho, num_items,
                      opts.replace(compute_entropy=False), kl_on, acc)
     ops = get_ops(resolve_backend(opts.backend, logp.device, acc))
-    loss, kl, clip, low, high = _LossFromLogprobs.apply(logp.reshape(-1).to(acc), plan, opts, ops)
+    loss, kl, clip, low, high = _LossFromLogprobs.apply(logp.reshape(-1).to(acc), plan, opts, ops,
+                                                         torch.is_grad_enabled())
     kl = (kl.detach().float() if kl_on else torch.zeros((), device=logp.device)) if opts.beta != 0.0 else None
     return loss, LossMetrics(kl, clip.detach().float(), low.detach().float(), high.detach().float(), None)
 

@@ -31,11 +31,12 @@ def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: to
                        torch_epilogue: bool = False) -> int:
     """Rows per chunk so that the chunk's logits stay modest. The Triton epilogue works in place on the buffer;
     the torch one (backend="torch") also makes about three fp32 temporaries of the chunk, which count too."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    per_row = vocab * (elt + (12 if torch_epilogue and dtype != torch.float32 else 8 if torch_epilogue else 0))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(free // 4, int(2.5 * _GIB))
+        per_row = vocab * torch.empty((), dtype=dtype).element_size()
+        if torch_epilogue:  # two fp32 temporaries, plus the fp32 upcast of a non-fp32 buffer
+            per_row += vocab * 4 * (2 if dtype == torch.float32 else 3)
     else:  # CPU: small chunks cost little GEMM efficiency and keep the epilogue's temporaries small
         budget, per_row = 32 << 20, vocab * 4
     rows = max(16, budget // max(1, per_row))
@@ -115,11 +116,10 @@ def _mm_acc(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=out_dtype)
-        except (TypeError, NotImplementedError):  # a torch without mm(out_dtype=...)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=...) for this dtype
             pass
-        except RuntimeError as e:
-            if isinstance(e, torch.OutOfMemoryError):
-                raise
     return (a @ b).to(out_dtype)
 
 

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..loss_math import LossParts, TokenTerms, _gamma_weights
 from ..options import CLIPPED_LOSS_TYPES, LossOptions
-from ._common import cdiv, check_device, check_grid, prepare_row_vector
+from ._common import cdiv, check_grid, prepare_row_vector
 
 BLOCK = 1024
 NUM_WARPS = 4
