@@ -15,6 +15,8 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+import oracle  # noqa: E402  (plain torch; no triton import)
+
 TINY = torch.finfo(torch.float64).tiny
 
 
@@ -41,10 +43,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# The kernel tests run thousands of tiny ops: intra-op threads only add spin-wait overhead there (100x on a
-# loaded 2-core machine), so these files run single-threaded; other test files keep torch's default.
+# The kernel tests (and the tiny-model trainer tests) run thousands of tiny ops: intra-op threads only add
+# spin-wait overhead there (100x on a loaded 2-core machine), so these files run single-threaded; others keep
+# torch's default.
 _SINGLE_THREAD_FILES = {"test_oracle.py", "test_reference.py", "test_fused_linear_grpo.py", "test_linear_logprobs.py",
-                        "test_grpo_loss.py", "test_bad_input.py", "test_properties.py", "test_liger_parity.py"}
+                        "test_grpo_loss.py", "test_bad_input.py", "test_properties.py", "test_liger_parity.py",
+                        "test_trainer.py", "test_checkpoint.py"}
 
 
 @pytest.fixture(autouse=True)
@@ -132,6 +136,29 @@ def compare_metrics(metrics, expected, tol, label=""):
     layout = (metrics.clip_ratio,) if expected["kl"] is None else (metrics.kl, metrics.clip_ratio)
     if len(metrics) != len(layout) or any(a is not b for a, b in zip(metrics, layout)):
         fails.append(f"{label}metrics tuple layout: expected (kl?, clip_ratio), got {tuple(metrics)}")
+    return fails
+
+
+def compare_bf16_run(problem, opts, run_opts, label=""):
+    """bf16 run against float64, within DESIGN's 1e-2 or twice what rounding the logits to bf16 once costs on this
+    very problem, whichever is larger (the chunked strategy holds bf16 logits, as TRL's and Liger's bf16 paths
+    do). Checks the loss is fp32 and the grads bf16. Returns a list of failure strings."""
+    e_loss, e_metrics, e_grads = oracle.oracle_run(problem, **opts)  # float64 on the problem's device
+    r_loss, _, r_grads = oracle.oracle_run(problem, logit_dtype=torch.bfloat16, **opts)
+    loss, metrics, grads = package_run(problem, **opts, **run_opts)
+    fails = []
+    for name, got, exact, rounded in [("loss", loss, e_loss, r_loss)] + [
+            (f"grad {k}", grads[k], e_grads[k], r_grads[k]) for k in e_grads]:
+        budget = max(1e-2, 2 * rel_err(rounded, exact))
+        err = rel_err(got, exact)
+        if err > budget:
+            fails.append(f"{label}{name}: rel err {err:.2e} > budget {budget:.2e}")
+        if got.dtype != (torch.float32 if name == "loss" else torch.bfloat16):
+            fails.append(f"{label}{name}: dtype {got.dtype}")
+    # clip flags sit on thresholds: a bf16 rounding may flip one token of the ~12 (1/12 ~ 0.08)
+    fails += compare_metrics(metrics, expected_metrics(opts.get("loss_type", "dapo"), e_metrics,
+                                                       opts.get("beta", 0.0), run_opts.get("compute_entropy", False)),
+                             0.1, label)
     return fails
 
 

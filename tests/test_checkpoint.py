@@ -15,14 +15,6 @@ from grpo.model import load_model
 COMPARED = ("loss", "reward", "grad_norm", "entropy", "reward_std", "completions/mean_length", "num_tokens")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Killed(Exception):
     pass
 

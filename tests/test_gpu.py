@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import METRIC_TOL, compare_metrics, compare_run, expected_metrics, package_run, rel_err
+from conftest import METRIC_TOL, compare_bf16_run, compare_run, rel_err
 from test_fused_linear_grpo import TRITON_CASES, build_case
 
 pytestmark = pytest.mark.gpu
@@ -13,24 +13,6 @@ DEV = "cuda"
 
 def _to(problem, device):
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in problem.items()}
-
-
-def _budgeted(problem, opts, run, label):
-    """bf16: DESIGN's 1e-2 or twice what one bf16 rounding of the logits costs on this problem."""
-    e_loss, e_metrics, e_grads = oracle.oracle_run(problem, **opts)  # float64 on the problem's device
-    r_loss, _, r_grads = oracle.oracle_run(problem, logit_dtype=torch.bfloat16, **opts)
-    loss, metrics, grads = package_run(problem, **opts, **run)
-    fails = []
-    for name, got, exact, rounded in [("loss", loss, e_loss, r_loss)] + [
-            (f"grad {k}", grads[k], e_grads[k], r_grads[k]) for k in e_grads]:
-        budget = max(1e-2, 2 * rel_err(rounded, exact))
-        err = rel_err(got, exact)
-        if err > budget:
-            fails.append(f"{label}{name}: rel err {err:.2e} > {budget:.2e}")
-    fails += compare_metrics(metrics, expected_metrics(opts.get("loss_type", "dapo"), e_metrics,
-                                                       opts.get("beta", 0.0), run.get("compute_entropy", False)),
-                             0.1, label)
-    return fails
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -47,7 +29,7 @@ def test_matrix_subset_on_cuda(strategy, k, case, dtype):
         expected = oracle.oracle_run(problem, **opts)
         fails = compare_run(problem, opts, run, expected, tol=1e-4, metric_tol=METRIC_TOL[dtype], label=label)
     else:
-        fails = _budgeted(problem, opts, run, label)
+        fails = compare_bf16_run(problem, opts, run, label)
     assert not fails, "\n".join(fails)
 
 
@@ -64,7 +46,7 @@ def test_realistic_shape(dtype, strategy, lt, lv):
         expected = oracle.oracle_run(p, **opts)
         fails = compare_run(p, opts, run, expected, tol=1e-4, metric_tol=1e-5, label=f"[{strategy}] ")
     else:
-        fails = _budgeted(p, opts, run, f"[{strategy}] ")
+        fails = compare_bf16_run(p, opts, run, f"[{strategy}] ")
     assert not fails, "\n".join(fails)
 
 
@@ -80,7 +62,7 @@ def test_fused_more_than_65535_tokens(dtype):
         expected = oracle.oracle_run(p, **opts)
         fails = compare_run(p, opts, run, expected, tol=1e-4, metric_tol=1e-5)
     else:
-        fails = _budgeted(p, opts, run, "")
+        fails = compare_bf16_run(p, opts, run, "")
     assert not fails, "\n".join(fails)
 
 

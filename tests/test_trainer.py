@@ -23,15 +23,6 @@ TRAIN_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are dominated by per-op overhead; extra intra-op threads only spin on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers shared with test_checkpoint.py and test_distributed.py (imported as a module there).
 # ------------------------------------------------------------------------------------------------------------------
