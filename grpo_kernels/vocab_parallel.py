@@ -13,7 +13,9 @@ memory is one [chunk, V_r] buffer of fp32 logits plus its softmax. Communication
 3 ints per rank (shard layout), per chunk of c tokens one MAX all-reduce of c floats and one SUM all-reduce of 2c
 (3c with entropy) floats, and, when hidden needs a gradient, one SUM all-reduce of N x H fp32 (dH).
 The returned dH is the full gradient on every rank: do not all-reduce it again (e.g. Megatron's
-copy_to_tensor_model_parallel_region in front of the head would double it).
+copy_to_tensor_model_parallel_region in front of the head would double it). Every rank must make the same calls
+with the same gradient needs (the all-reduces are collectives); the plan of active tokens is the same everywhere
+because the tokens are.
 """
 
 from __future__ import annotations
@@ -82,8 +84,7 @@ def check_same_inputs(shard: Shard, named: dict) -> None:
         if t is None or t.numel() == 0:
             sums += [0.0 if t is None else 1.0, 0.0, 0.0]
             continue
-        x = t.detach().reshape(t.shape[0], -1).to(torch.float64)
-        rows = x.sum(1)
+        rows = t.detach().reshape(t.shape[0], -1).sum(1, dtype=torch.float64)  # no float64 copy of t
         pos = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
         sums += [1.0, rows.sum(), (rows * pos).sum() / rows.numel()]
     vec = torch.stack([torch.as_tensor(s, dtype=torch.float64, device=first.device) for s in sums])

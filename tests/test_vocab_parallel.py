@@ -34,6 +34,7 @@ LOSS_CASES = {
     "dapo_skip_entropy_num_items": (dict(seed=3, bias=True, ref=None, num_items="int", zero_adv=1),
                                     dict(loss_type="dapo", compute_entropy=True, chunk_size=6), False),
     "grpo_token_frozen_head": (dict(seed=4, bias=False, ref="given"), dict(loss_type="grpo", beta=0.1), True),
+    "dapo_empty_mask": (dict(seed=6, bias=True, ref="given", mask="empty"), dict(loss_type="dapo", beta=0.04), False),
     "bnpo_token_fp64": (dict(seed=5, bias=True, ref="given", dtype=torch.float64),
                         dict(loss_type="bnpo", beta=0.04, compute_entropy=True, temperature=1.3), False),
 }
