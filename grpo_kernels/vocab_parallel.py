@@ -66,7 +66,7 @@ def shard_layout(group, weight: Tensor, num_tokens: int, weight_name: str = "wei
     mine = torch.tensor([weight.shape[0], num_tokens, weight.shape[1]], dtype=torch.int64, device=weight.device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
-    rows, tokens, hidden = (torch.stack(every).cpu().T.tolist())
+    rows, tokens, hidden = torch.stack(every).cpu().T.tolist()
     if len(set(tokens)) != 1:
         raise ValueError(f"vocab-parallel ranks must hold the same tokens, but {hidden_name} has {tokens} tokens "
                          "on the ranks of process_group")

@@ -125,6 +125,9 @@ def _bad_inputs(rank, pg) -> dict:
         **dict(p, selected_token_ids=bad_ids, attention_mask=torch.ones(B, T)), process_group=pg))
     out["logp_ids_out_of_range"] = _expect_error(lambda: gk.linear_logprobs(
         p["hidden"], p["weight"], bad_ids, process_group=pg))
+    n = B * T - rank  # rank 1 holds one token fewer
+    out["token_count_differs"] = _expect_error(lambda: gk.linear_logprobs(
+        p["hidden"].reshape(B * T, H)[:n], p["weight"], p["selected_token_ids"].reshape(-1)[:n], process_group=pg))
     out["fused_strategy"] = _expect_error(lambda: gk.fused_linear_grpo_loss(**p, process_group=pg, strategy="fused"))
     out["not_a_group"] = _expect_error(lambda: gk.linear_logprobs(p["hidden"], p["weight"], p["selected_token_ids"],
                                                                   process_group="world"))
@@ -239,6 +242,7 @@ def test_bad_inputs_raise_the_same_clear_error_on_every_rank(ranks):
         assert e["hidden_differs"].startswith("ValueError") and "hidden differs" in e["hidden_differs"], e
         for k in ("ids_out_of_range", "logp_ids_out_of_range"):
             assert e[k].startswith("ValueError") and f"[0, {V})" in e[k], e[k]
+        assert e["token_count_differs"].startswith("ValueError") and "[21, 20] tokens" in e["token_count_differs"]
         assert e["fused_strategy"].startswith("ValueError") and "strategy='fused'" in e["fused_strategy"]
         assert e["not_a_group"].startswith("TypeError") and "process_group" in e["not_a_group"]
 
