@@ -257,3 +257,36 @@ def test_process_group_without_initialized_distributed_is_a_value_error():
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
         gk.FusedLinearGRPOLoss(process_group=object())(p["hidden"], p["weight"], p["selected_token_ids"],
                                                        p["attention_mask"], p["advantages"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_single_rank_group_matches_float64(tmp_path, dtype):
+    """The CUDA path (fp32-output GEMM on 16-bit operands, NCCL collectives) on a one-rank NCCL group: the same
+    numbers as the float64 oracle (bf16: within what rounding the logits to bf16 once would cost, or 1e-2)."""
+    from conftest import compare_bf16_run, compare_run
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        p = oracle.make_problem(4, 33, 64, 5003, seed=7, bias=True, ref="model", dtype=dtype)
+        p = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+        opts = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, temperature=0.9)
+        run = dict(process_group=dist.group.WORLD, compute_entropy=True, chunk_size=40)
+        if dtype == torch.float32:
+            fails = compare_run(p, opts, run, oracle.oracle_run(p, **opts), tol=1e-4, metric_tol=1e-5)
+        else:
+            fails = compare_bf16_run(p, opts, run)
+        assert not fails, "\n".join(fails)
+        h = p["hidden"].detach().clone().requires_grad_(True)
+        logp, ent = gk.linear_logprobs(h, p["weight"], p["selected_token_ids"], p["bias"], temperature=0.9,
+                                       return_entropy=True, process_group=dist.group.WORLD)
+        o_h = p["hidden"].detach().double().requires_grad_(True)
+        o_logp, o_ent = oracle.logprobs(o_h, p["weight"], p["selected_token_ids"], p["bias"], 0.9)
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        assert rel_err(logp, o_logp) <= tol and rel_err(ent, o_ent) <= tol
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        (o_logp.sum() + 0.5 * o_ent.sum()).backward()
+        assert h.grad.dtype == dtype and rel_err(h.grad, o_h.grad) <= tol
+    finally:
+        dist.destroy_process_group()
