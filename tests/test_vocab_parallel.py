@@ -117,7 +117,10 @@ def _expect_error(fn) -> str:
 def _bad_inputs(rank, pg) -> dict:
     p = _shard(_problem(21, ref="given"), rank)
     out = {}
-    differ = dict(p, hidden=p["hidden"] + (1e-3 if rank == 1 else 0.0))
+    hidden = p["hidden"].clone()
+    if rank == 1:
+        hidden[1, 3, 5] += 0.25  # one element of one token
+    differ = dict(p, hidden=hidden)
     out["hidden_differs"] = _expect_error(lambda: gk.fused_linear_grpo_loss(**differ, process_group=pg, beta=0.04))
     bad_ids = p["selected_token_ids"].clone()
     bad_ids[0, 0] = V  # inside no shard; ids in [501, 1001) are fine on rank 0 (see the cases above)
