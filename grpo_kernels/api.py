@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import batch as checks
+from . import vocab_parallel
 from .backends import get_ops, resolve_backend
 from .batch import make_plan
 from .metrics import LossMetrics
@@ -23,18 +24,23 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
                     temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto",
-                    strategy: str = "auto", chunk_size: Optional[int] = None, validate: bool = True):
+                    strategy: str = "auto", chunk_size: Optional[int] = None, validate: bool = True,
+                    process_group=None):
     """Per-token log-probs of `targets` under softmax((hidden @ weight.T + bias) / temperature), without the
     [tokens x vocab] logits.
 
     hidden: (..., H) with leading dims equal to targets' shape, or (targets.numel(), H); weight: (V, H).
     Returns fp32 log-probs shaped like `targets` (differentiable w.r.t. hidden, weight and bias) and, with
     return_entropy=True, the entropy of each token's distribution (detached: no gradient flows through it).
+    process_group: vocab-parallel (see `vocab_parallel`): weight/bias are this rank's contiguous rows, targets
+    global ids; logp and entropy are over the whole vocabulary and both differentiable (torch ops, chunked).
     """
     opts = LossOptions(temperature=temperature, backend=backend, strategy=strategy, chunk_size=chunk_size,
                        validate=validate)
     targets = checks._need_tensor("targets", targets)
     V, H = checks.check_linear(hidden, weight, bias, tuple(targets.shape))
+    if process_group is not None:
+        return vocab_parallel.linear_logprobs(hidden, weight, targets, bias, opts, return_entropy, process_group)
     targets = checks.check_targets("targets", targets, V, None, validate)
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
@@ -120,17 +126,19 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, selected_token_ids: T
                            ref_per_token_logps: Optional[Tensor] = None, old_per_token_logps: Optional[Tensor] = None,
                            ref_input: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
                            ref_bias: Optional[Tensor] = None, vllm_is_ratio: Optional[Tensor] = None,
-                           num_items_in_batch=None, **loss_options):
+                           num_items_in_batch=None, process_group=None, **loss_options):
     """Hidden states + LM head -> TRL's GRPO loss and metrics, with gradients for hidden, weight and bias,
-    never holding the [tokens x vocab] logits. Returns (loss, LossMetrics). See `LossOptions` for options."""
+    never holding the [tokens x vocab] logits. Returns (loss, LossMetrics). See `LossOptions` for options.
+    process_group: vocab-parallel (see `vocab_parallel`): weight, bias, ref_weight and ref_bias are this rank's
+    contiguous rows; selected_token_ids are global ids; dH comes back already summed over the group."""
     return _fused_linear_grpo_loss(LossOptions.from_kwargs(**loss_options), hidden, weight, selected_token_ids,
                                    attention_mask, advantages, bias, ref_per_token_logps, old_per_token_logps,
-                                   ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch)
+                                   ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, process_group)
 
 
 def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_ids, attention_mask, advantages, bias,
                             ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
-                            num_items_in_batch):
+                            num_items_in_batch, process_group=None):
     ids = checks._need_tensor("selected_token_ids", selected_token_ids)
     if ids.dim() != 2:
         raise ValueError(f"selected_token_ids must be (B, T), got shape {tuple(ids.shape)}")
@@ -140,7 +148,6 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
     mask, adv, old, ref, rho, num_items = _check_grpo_inputs(ids, attention_mask, advantages, old_per_token_logps,
                                                              ref_per_token_logps, vllm_is_ratio, num_items_in_batch,
                                                              hidden.device)
-    ids = checks.check_targets("selected_token_ids", ids, V, mask, opts.validate)
     ref_from_model = ref is None and opts.beta != 0.0 and (ref_input is not None or ref_weight is not None)
     if ref_from_model:
         if ref_input is None or ref_weight is None:
@@ -152,6 +159,11 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
             raise ValueError(f"ref_weight has vocab size {ref_v} (shape {tuple(ref_weight.shape)}) but weight has {V}")
         if ref_input.device != hidden.device:
             raise ValueError(f"ref_input is on {ref_input.device} but hidden is on {hidden.device}")
+    if process_group is not None:  # weight holds this rank's rows: ids are checked against the whole vocabulary
+        return vocab_parallel.fused_linear_grpo_loss(opts, process_group, hidden, weight, bias, ids, mask, adv, old,
+                                                     ref, rho, num_items, ref_input if ref_from_model else None,
+                                                     ref_weight, ref_bias)
+    ids = checks.check_targets("selected_token_ids", ids, V, mask, opts.validate)
     backend = resolve_backend(opts.backend, hidden.device, hidden.dtype)
     ops = get_ops(backend)
     acc = _acc_dtype(hidden.dtype)

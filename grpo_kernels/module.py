@@ -20,7 +20,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     - `chunk_size` counts tokens (None = chosen from the vocabulary size and free memory); Liger's counts
       sequences, so Liger's `chunk_size=1` would be a very slow setting here and is treated as None;
     - `compiled` is accepted and ignored (the work is in Triton kernels and GEMMs, not torch.compile);
-    - `use_ref_model=False` ignores ref_input/ref_weight, as in Liger.
+    - `use_ref_model=False` ignores ref_input/ref_weight, as in Liger;
+    - `process_group` (not in Liger): vocab-parallel, lin_weight/bias/ref_weight/ref_bias hold this rank's
+      contiguous rows of the LM head (see `gk.fused_linear_grpo_loss`).
     forward returns (loss, metrics) with metrics[0] = KL when beta != 0 and metrics[-1] = clip ratio, and
     named fields kl, clip_ratio, clip_ratio_low, clip_ratio_high, entropy.
     """
@@ -31,7 +33,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                  importance_sampling_level: str = "token", sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, temperature: float = 1.0, delta: Optional[float] = None,
                  use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, **options):
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, process_group=None, **options):
         super().__init__()
         if chunk_size == 1:
             warnings.warn("FusedLinearGRPOLoss: chunk_size counts tokens, not sequences as in Liger; "
@@ -39,6 +41,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             chunk_size = None
         self.compiled = compiled
         self.use_ref_model = use_ref_model
+        self.process_group = process_group
         self.options = LossOptions.from_kwargs(
             beta=beta, chunk_size=chunk_size, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
             loss_type=loss_type, max_completion_length=max_completion_length,
@@ -65,7 +68,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             ref_input = ref_weight = ref_bias = None
         return _fused_linear_grpo_loss(self.options, _input, lin_weight, selected_token_ids, attention_mask,
                                        advantages, bias, ref_per_token_logps, old_per_token_logps, ref_input,
-                                       ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch)
+                                       ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, self.process_group)
 
     def extra_repr(self) -> str:
         o = self.options
