@@ -23,7 +23,8 @@ Tensor = torch.Tensor
 def _on_device_of(arg: str):
     """Run the call with the CUDA device of argument `arg` current: Triton launches on the current device, not
     the tensors' (cuda:1 inputs with cuda:0 current would be an illegal memory access). Backward needs no guard:
-    autograd runs it on a worker thread that has already set the current device to the tensors' device."""
+    the autograd engine runs each node under an OptionalStreamGuard on the stream its forward used (which sets that
+    stream's device), on a worker thread whose device was set to it (engine.cpp, evaluate_function/thread_init)."""
     def wrap(fn):
         pos = list(inspect.signature(fn).parameters).index(arg)
 
