@@ -347,18 +347,36 @@ def test_no_syncs_besides_the_plans_one(strategy, monkeypatch):
     monkeypatch.setattr(batch, "_to_host", to_host)
     p = _to(oracle.make_problem(B=6, T=50, H=64, V=1003, seed=9, bias=True, ref="given", vllm=True,
                                 num_items="tensor"), DEV)
-    for lt, lv in (("dapo", "token"), ("vespo", "token"), ("grpo", "sequence"), ("sapo", "token")):
-        kw = dict(loss_type=lt, importance_sampling_level=lv, beta=0.04, strategy=strategy, chunk_size=64,
-                  compute_entropy=True, validate=True)
-        package_run(p, **kw)  # warm-up: compiles, allocator growth
+    cases = [dict(loss_type=lt, importance_sampling_level=lv, chunk_size=c)
+             for lt, lv, c in (("dapo", "token", 64), ("vespo", "token", 64), ("grpo", "sequence", 64),
+                               ("sapo", "token", 64), ("dapo", "token", None))]  # None: sized from free memory
+    for case in cases:
+        kw = dict(case, beta=0.04, strategy=strategy, compute_entropy=True, validate=True)
+        for debug in (0, "error"):  # warm-up first (compiles, allocator growth), then the checked call
+            torch.cuda.synchronize()
+            calls.clear()
+            torch.cuda.set_sync_debug_mode(debug)
+            try:
+                package_run(p, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert len(calls) == 1, (case, len(calls))
+    # grpo_loss: the plan's one sync; linear_logprobs without validation: none
+    logp = p["old_per_token_logps"].clone().requires_grad_(True)
+    h = p["hidden"].clone().requires_grad_(True)
+    for debug in (0, "error"):
         torch.cuda.synchronize()
         calls.clear()
-        torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode(debug)
         try:
-            package_run(p, **kw)
+            loss, _ = gk.grpo_loss(logp, p["attention_mask"], p["advantages"], loss_type="dapo",
+                                   num_items_in_batch=p["num_items_in_batch"])
+            loss.backward()
+            lp = gk.linear_logprobs(h, p["weight"], p["selected_token_ids"], strategy=strategy, validate=False)
+            lp.sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert len(calls) == 1, (lt, lv, len(calls))
+        assert len(calls) == 1
     torch.cuda.synchronize()
 
 
