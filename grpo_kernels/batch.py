@@ -79,8 +79,8 @@ def check_linear(hidden, weight, bias, targets_shape: Optional[tuple], hidden_na
 
 
 def check_targets(name: str, targets, V: int, mask: Optional[Tensor], validate: bool) -> Tensor:
-    """Type check; with validate, also the range check (one sync). make_plan folds that check into its own sync:
-    its callers pass validate=False here and vocab= to make_plan."""
+    """Type check; with validate, also the range check (one sync). A caller that builds a plan passes
+    validate=False here and vocab= to make_plan instead, which folds the check into the plan's one sync."""
     targets = _need_tensor(name, targets)
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")
