@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -12,16 +15,38 @@ from .backends import get_ops, resolve_backend
 from .batch import make_plan
 from .metrics import LossMetrics
 from .options import LossOptions
-from .strategies import (ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, choose_strategy, default_chunk_size,
-                         forward_stats, loss_parts)
+from .sizing import size_call
+from .strategies import ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, forward_stats, loss_parts
 
 Tensor = torch.Tensor
+
+
+def _on_device_of(arg: str):
+    """Run the call with the CUDA device of argument `arg` current: Triton launches on the current device, not
+    the tensors' (cuda:1 inputs with cuda:0 current would be an illegal memory access). Backward needs no guard:
+    the autograd engine runs each node under an OptionalStreamGuard on the stream its forward used (which sets that
+    stream's device), on a worker thread whose device was set to it (engine.cpp, evaluate_function/thread_init)."""
+    def wrap(fn):
+        pos = list(inspect.signature(fn).parameters).index(arg)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            x = args[pos] if len(args) > pos else kwargs.get(arg)
+            if isinstance(x, torch.Tensor) and x.is_cuda:
+                guard = torch.cuda.device(x.device)
+            else:
+                guard = contextlib.nullcontext()
+            with guard:
+                return fn(*args, **kwargs)
+        return call
+    return wrap
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@_on_device_of("hidden")
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
                     temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto",
                     strategy: str = "auto", chunk_size: Optional[int] = None, validate: bool = True,
@@ -49,10 +74,11 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     h2d = hidden.reshape(-1, H)
     flat = targets.reshape(-1).long()
     N = flat.numel()
-    strat = choose_strategy(opts.strategy, N, V, hidden.dtype, hidden.device)
-    chunk = opts.chunk_size or default_chunk_size(N, V, hidden.dtype, hidden.device, backend == "torch")
-    logp, entropy = LinearLogprobs.apply(h2d, weight, bias, flat, float(temperature), return_entropy, strat, ops,
-                                         chunk)
+    wgrad = torch.is_grad_enabled() and weight.requires_grad
+    size = size_call("linear_logprobs", opts.strategy, opts.chunk_size, N, V, H, hidden.dtype, hidden.device,
+                     backend == "torch", wgrad)
+    logp, entropy = LinearLogprobs.apply(h2d, weight, bias, flat, float(temperature), return_entropy, size.strategy,
+                                         ops, size.chunk_size)
     logp = logp.reshape(targets.shape)
     if return_entropy:
         return logp, entropy.reshape(targets.shape)
@@ -93,6 +119,7 @@ class _LossFromLogprobs(torch.autograd.Function):
         return grad * grad_loss, None, None, None, None
 
 
+@_on_device_of("per_token_logps")
 def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tensor,
               old_per_token_logps: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
               vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None, **loss_options):
@@ -136,6 +163,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, selected_token_ids: T
                                    ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, process_group)
 
 
+@_on_device_of("hidden")
 def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_ids, attention_mask, advantages, bias,
                             ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
                             num_items_in_batch, process_group=None):
@@ -163,15 +191,19 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
         return vocab_parallel.fused_linear_grpo_loss(opts, process_group, hidden, weight, bias, ids, mask, adv, old,
                                                      ref, rho, num_items, ref_input if ref_from_model else None,
                                                      ref_weight, ref_bias)
-    ids = checks.check_targets("selected_token_ids", ids, V, mask, opts.validate)
+    ids = checks.check_targets("selected_token_ids", ids, V, mask, False)  # range: in make_plan's one sync
     backend = resolve_backend(opts.backend, hidden.device, hidden.dtype)
     ops = get_ops(backend)
     acc = _acc_dtype(hidden.dtype)
     kl_on = opts.beta != 0.0 and (ref is not None or ref_from_model)
-    plan = make_plan(ids, mask, adv, old, ref, rho, num_items, opts, kl_on, acc)
-    strategy = choose_strategy(opts.strategy, plan.num_rows, V, hidden.dtype, hidden.device)
-    chunk = opts.chunk_size or default_chunk_size(plan.num_rows, V, hidden.dtype, hidden.device,
-                                                  backend == "torch")
+    plan = make_plan(ids, mask, adv, old, ref, rho, num_items, opts, kl_on, acc, vocab=V if opts.validate else None)
+    # Sized by the rows the GEMMs actually see: the active rows, or the skipped rows' entropy pass when it is larger
+    # (with every advantage 0 that pass is all there is).
+    wgrad = torch.is_grad_enabled() and weight.requires_grad
+    size = size_call("fused_linear_grpo_loss", opts.strategy, opts.chunk_size,
+                     max(plan.num_rows, plan.num_entropy_rows), V, H, hidden.dtype, hidden.device,
+                     backend == "torch", wgrad)
+    strategy, chunk = size.strategy, size.chunk_size
     if ref_from_model:  # reference log-probs of the tokens that need them, without grad
         with torch.no_grad():
             ref_h = ref_input.reshape(-1, ref_input.shape[-1]).index_select(0, plan.rows)

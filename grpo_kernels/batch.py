@@ -1,14 +1,16 @@
 """Input checks and the compaction plan: which tokens reach a GEMM, with what weight, in which chunk.
 
-Checks run on the host before any kernel; the only device sync is the one that finds the active tokens
-(plus the id range check, skippable with validate=False).
+Checks run on the host before any kernel. Host-device syncs (README, "How it works"): building a plan costs
+exactly one (`_to_host`: the per-sequence counts of active tokens, with the target-range check folded in);
+`check_targets` without a plan costs one when validating; nothing else here syncs.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
 
@@ -77,17 +79,30 @@ def check_linear(hidden, weight, bias, targets_shape: Optional[tuple], hidden_na
 
 
 def check_targets(name: str, targets, V: int, mask: Optional[Tensor], validate: bool) -> Tensor:
+    """Type check; with validate, also the range check (one sync). A caller that builds a plan passes
+    validate=False here and vocab= to make_plan instead, which folds the check into the plan's one sync."""
     targets = _need_tensor(name, targets)
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")
-    if validate and targets.numel() > 0:
-        used = targets if mask is None else targets[mask != 0]
-        if used.numel() > 0:
-            lo, hi = int(used.min()), int(used.max())
-            if lo < 0 or hi >= V:
-                raise ValueError(f"{name} must lie in [0, {V}) (the weight's vocab size) where the mask is set, "
-                                 f"got values in [{lo}, {hi}]")
+    if validate and targets.numel() > 0 and int(count_out_of_range(targets, V, mask)) > 0:
+        raise_out_of_range(name, targets, V, mask)
     return targets
+
+
+def count_out_of_range(targets: Tensor, V: int, mask: Optional[Tensor]) -> Tensor:
+    """0-d device count of targets outside [0, V) where the mask is set (no sync)."""
+    bad = (targets < 0) | (targets >= V)
+    if mask is not None:
+        bad = bad & (mask != 0)
+    return bad.sum()
+
+
+def raise_out_of_range(name: str, targets: Tensor, V: int, mask: Optional[Tensor]):
+    """The error path (syncs freely): report the range of the targets in use."""
+    used = targets if mask is None else targets[mask != 0]
+    lo, hi = int(used.min()), int(used.max())
+    raise ValueError(f"{name} must lie in [0, {V}) (the weight's vocab size) where the mask is set, "
+                     f"got values in [{lo}, {hi}]")
 
 
 def check_per_token(name: str, x, shape: tuple, device) -> Optional[Tensor]:
@@ -137,13 +152,18 @@ def check_vllm_ratio(x, B: int, T: int, device) -> Optional[Tensor]:
     return x
 
 
-def check_num_items(num_items_in_batch) -> Optional[float]:
+def check_num_items(num_items_in_batch) -> Optional[Union[float, Tensor]]:
+    """A float, or a 0-d tensor for a device tensor (kept on the device: reading it would be a sync)."""
     if num_items_in_batch is None:
         return None
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
-        return float(num_items_in_batch)
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
+            raise TypeError(f"num_items_in_batch must be a real number, got a {num_items_in_batch.dtype} tensor")
+        if num_items_in_batch.device.type == "cpu":
+            return float(num_items_in_batch)
+        return num_items_in_batch.reshape(())
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
         raise TypeError(f"num_items_in_batch must be a number or a 0-d tensor, got {type(num_items_in_batch).__name__}")
     return float(num_items_in_batch)
@@ -175,6 +195,10 @@ class Plan:
     @property
     def num_rows(self) -> int:
         return int(self.rows.numel())
+
+    @property
+    def num_entropy_rows(self) -> int:
+        return 0 if self.entropy_rows is None else int(self.entropy_rows.numel())
 
     def terms(self, start: int, end: int) -> TokenTerms:
         """Loss inputs of rows[start:end] (must start and end on sequence boundaries at sequence level)."""
@@ -218,7 +242,8 @@ class Plan:
         return out
 
 
-def token_weights(mask: Tensor, seq_len: Tensor, opts: LossOptions, num_items: Optional[float]) -> Tensor:
+def token_weights(mask: Tensor, seq_len: Tensor, opts: LossOptions,
+                  num_items: Optional[Union[float, Tensor]]) -> Tensor:
     """w_t of L = sum_t w_t l_t for each loss type (DESIGN.md, "Aggregation"). mask is [B, T] float."""
     B = max(mask.shape[0], 1)
     lt = opts.loss_type
@@ -230,16 +255,39 @@ def token_weights(mask: Tensor, seq_len: Tensor, opts: LossOptions, num_items: O
         return mask / (B * opts.max_completion_length)
     if lt == "luspo":
         return mask / B
-    normalizer = mask.sum() if num_items is None else torch.tensor(num_items, dtype=mask.dtype, device=mask.device)
+    if num_items is None:
+        normalizer = mask.sum()
+    elif isinstance(num_items, torch.Tensor):
+        normalizer = num_items.to(device=mask.device, dtype=mask.dtype)
+    else:  # a fill kernel, not a host-to-device copy (which would sync)
+        normalizer = mask.new_full((), num_items)
     return mask / normalizer.clamp(min=1.0)
 
 
+def _to_host(counts: Tensor) -> list:
+    """THE device->host sync of a plan (one per call): chunk boundaries and row counts are host decisions."""
+    return counts.tolist()
+
+
+def _indices(flag: Tensor, count: int) -> Tensor:
+    """flag.nonzero().squeeze(1) (sorted) without the sync nonzero makes, given the number of set flags."""
+    n = flag.numel()
+    if count == n:
+        return torch.arange(n, device=flag.device)
+    pos = torch.where(flag, flag.cumsum(0) - 1, count)  # unset flags all land in the spare slot `count`
+    out = torch.empty(count + 1, dtype=torch.long, device=flag.device)
+    out.scatter_(0, pos, torch.arange(n, device=flag.device))
+    return out[:count]
+
+
 def make_plan(targets: Tensor, attention_mask: Tensor, advantages: Tensor, old: Optional[Tensor],
-              ref: Optional[Tensor], rho: Optional[Tensor], num_items: Optional[float], opts: LossOptions,
-              kl_active: bool, acc_dtype: torch.dtype) -> Plan:
+              ref: Optional[Tensor], rho: Optional[Tensor], num_items, opts: LossOptions,
+              kl_active: bool, acc_dtype: torch.dtype, vocab: Optional[int] = None,
+              targets_name: str = "selected_token_ids") -> Plan:
     """Decide which tokens need the GEMMs. With beta = 0 (or no reference), a token whose advantage is exactly 0
     has zero loss and zero gradient under every loss type, so it is skipped (a whole sequence at a time when
-    a token's gradient depends on its sequence)."""
+    a token's gradient depends on its sequence). With `vocab`, also checks that the targets under the mask lie in
+    [0, vocab), inside the plan's one sync."""
     B, T = targets.shape
     mask = attention_mask.to(acc_dtype)
     seq_len = mask.sum(-1).clamp(min=1.0)
@@ -250,11 +298,18 @@ def make_plan(targets: Tensor, attention_mask: Tensor, advantages: Tensor, old: 
     contributes = active if kl_active else active & (adv_bt != 0)
     if opts.needs_whole_sequences:
         contributes = active & contributes.any(-1, keepdim=True)
-    row_counts = contributes.sum(-1).tolist()
-    rows = contributes.reshape(-1).nonzero().squeeze(1)
-    entropy_rows = None
-    if opts.compute_entropy:
-        entropy_rows = (active & ~contributes).reshape(-1).nonzero().squeeze(1)
+    skipped = (active & ~contributes).reshape(-1) if opts.compute_entropy else None
+    counts = [contributes.sum(-1)]
+    if skipped is not None:
+        counts.append(skipped.sum().view(1))
+    if vocab is not None and targets.numel() > 0:
+        counts.append(count_out_of_range(targets, vocab, attention_mask).view(1))
+    host = _to_host(torch.cat(counts))
+    if vocab is not None and targets.numel() > 0 and host[-1] > 0:
+        raise_out_of_range(targets_name, targets, vocab, attention_mask)
+    row_counts = host[:B]
+    rows = _indices(contributes.reshape(-1), sum(row_counts))
+    entropy_rows = None if skipped is None else _indices(skipped, host[B])
 
     rho_bt = None
     vespo_log_rho = None
@@ -262,7 +317,7 @@ def make_plan(targets: Tensor, attention_mask: Tensor, advantages: Tensor, old: 
         rho = rho.to(acc_dtype)
         rho = rho.view(B, 1) if rho.dim() == 1 else rho
         if opts.loss_type == "vespo":  # TRL sums log(rho) over all T positions of the row, padding included
-            vespo_log_rho = rho.log().clamp(min=torch.log(torch.tensor(1e-8)).item(), max=20.0).sum(-1)
+            vespo_log_rho = rho.log().clamp(min=math.log(1e-8), max=20.0).sum(-1)
         rho_bt = rho.expand(B, T).reshape(-1)
     per_seq_metrics = opts.sequence_level and (advantages.dim() == 1 or advantages.shape[1] == 1)
     flat = lambda x: None if x is None else x.to(acc_dtype).reshape(-1)  # noqa: E731

@@ -51,9 +51,11 @@ class LossParts:
     clip_region: Tensor
 
 
-def _const(value: float, like: Tensor) -> Tensor:
-    """A hyper-parameter as a 0-d tensor of `like`'s dtype (torch.where on two Python floats would go via fp32)."""
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
+def _pick(cond: Tensor, if_true: float, if_false: float, like: Tensor) -> Tensor:
+    """Per token, one of two hyper-parameters in `like`'s dtype. Python scalars go to the kernels as arguments: no
+    host-to-device copy (torch.tensor(value, device=cuda) syncs), and no detour through fp32 (torch.where on two
+    Python floats)."""
+    return torch.full_like(like, if_false).masked_fill_(cond, if_true)
 
 
 def _seq_sum(x: Tensor, terms: TokenTerms) -> Tensor:
@@ -101,7 +103,7 @@ def token_loss_and_grad(logp: Tensor, terms: TokenTerms, opts: LossOptions, need
         dl0_direct = -coef * adv
         high = (r > opts.epsilon_high) & (adv > 0)
     elif opts.loss_type == "sapo":
-        kappa = torch.where(adv > 0, _const(opts.sapo_temperature_pos, adv), _const(opts.sapo_temperature_neg, adv))
+        kappa = _pick(adv > 0, opts.sapo_temperature_pos, opts.sapo_temperature_neg, adv)
         sig = torch.sigmoid(kappa * (r - 1))
         l0 = -sig * 4 / kappa * adv
         dl0_dr = -4 * sig * (1 - sig) * adv
@@ -166,7 +168,7 @@ def _gamma_weights(log_ratio: Tensor, adv: Tensor, m: Tensor, terms: TokenTerms,
         seq_log_w = seq_log_w + terms.vespo_log_rho.to(seq_log_w.dtype)
     log_w = seq_log_w.clamp(lower, 20.0)[terms.seq]
     nonneg = adv >= 0
-    k = torch.where(nonneg, _const(opts.vespo_k_pos, log_w), _const(opts.vespo_k_neg, log_w))
-    lam = torch.where(nonneg, _const(opts.vespo_lambda_pos, log_w), _const(opts.vespo_lambda_neg, log_w)).clamp(min=1e-4)
+    k = _pick(nonneg, opts.vespo_k_pos, opts.vespo_k_neg, log_w)
+    lam = _pick(nonneg, opts.vespo_lambda_pos, opts.vespo_lambda_neg, log_w).clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * log_w.exp())
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)

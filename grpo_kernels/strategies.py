@@ -22,38 +22,6 @@ from .loss_math import token_loss_and_grad
 from .options import LossOptions
 
 Tensor = torch.Tensor
-_GIB = 1 << 30
-
-
-# ------------------------------------------------------------------------------------------- sizing, choice
-
-def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
-                       torch_epilogue: bool = False) -> int:
-    """Rows per chunk so that the chunk's logits stay modest. The Triton epilogue works in place on the buffer;
-    the torch one (backend="torch") also makes about three fp32 temporaries of the chunk, which count too."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(free // 4, int(2.5 * _GIB))
-        per_row = vocab * torch.empty((), dtype=dtype).element_size()
-        if torch_epilogue:  # two fp32 temporaries, plus the fp32 upcast of a non-fp32 buffer
-            per_row += vocab * 4 * (2 if dtype == torch.float32 else 3)
-    else:  # CPU: small chunks cost little GEMM efficiency and keep the epilogue's temporaries small
-        budget, per_row = 32 << 20, vocab * 4
-    rows = max(16, budget // max(1, per_row))
-    if rows > 256:
-        rows -= rows % 256  # GEMM-friendly
-    return int(min(rows, max(num_rows, 1)))
-
-
-def choose_strategy(strategy: str, num_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> str:
-    """'auto': chunked unless even a 1024-token chunk of logits would not fit in half the free GPU memory."""
-    if strategy != "auto":
-        return strategy
-    if device.type != "cuda":
-        return "chunked"
-    free, _ = torch.cuda.mem_get_info(device)
-    need = min(num_rows, 1024) * vocab * torch.empty((), dtype=dtype).element_size()
-    return "chunked" if need <= free // 2 else "fused"
 
 
 # ----------------------------------------------------------------------------------------- shared pieces

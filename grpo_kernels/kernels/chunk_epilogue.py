@@ -17,7 +17,7 @@ def _config(v: int) -> dict:
     return dict(BLOCK_M=1, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # per-call sizes: no recompiles
 def _chunk_stats_kernel(logits_ptr, targets_ptr, lse_ptr, logp_ptr, ent_ptr, M, V, stride_row, inv_t,
                         WITH_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     """Per-row statistics of z = logits / T (fp32 math):
@@ -48,7 +48,7 @@ def _chunk_stats_kernel(logits_ptr, targets_ptr, lse_ptr, logp_ptr, ent_ptr, M, 
         tl.store(ent_ptr + rows, ent, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # per-call sizes: no recompiles
 def _chunk_dlogits_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, M, V, stride_row, inv_t,
                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     """In place: logits[i, v] <- grad_i * (1[v == t_i] - exp(logits[i, v] / T - lse_i)) / T (fp32 math, stored in

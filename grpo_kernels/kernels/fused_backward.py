@@ -17,7 +17,7 @@ def _config(dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "num_m_blocks"])  # per-call sizes: no recompiles
 def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
                            M, V, H, stride_hm, stride_wv, inv_t, num_m_blocks, num_v_blocks,
                            HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,

@@ -31,7 +31,7 @@ def _pick_splits(num_m_blocks: int, num_v_tiles: int, sms: int) -> tuple[int, in
     return cdiv(num_v_tiles, tiles_per_split), tiles_per_split
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "num_m_blocks", "tiles_per_split", "plane"])  # per-call sizes: no recompiles
 def _fused_stats_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, part_ptr,
                         M, V, H, stride_hm, stride_wv, inv_t, num_m_blocks, tiles_per_split, plane,
                         HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
@@ -84,7 +84,7 @@ def _fused_stats_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, 
         tl.store(part_ptr + (off + plane + plane + plane), z_t, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_splits", "plane"])  # per-call sizes: no recompiles
 def _combine_kernel(part_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, M, V, n_splits, plane,
                     WITH_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr):
     """Merge the n_splits partial states of each row (part_ptr[4, n_splits, M]) into lse, logp, entropy.

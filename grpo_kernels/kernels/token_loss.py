@@ -37,7 +37,7 @@ def _f32(x: float) -> float:
     return float(torch.tensor(float(x), dtype=torch.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # per-call sizes: no recompiles
 def _token_loss_kernel(logp_ptr, w_ptr, m_ptr, adv_ptr, old_ptr, ref_ptr, rho_ptr, phi_ptr, grad_ptr, part_ptr, M,
                        lo, hi, delta, eps_high, beta, kappa_pos, kappa_neg,
                        LOSS_KIND: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,

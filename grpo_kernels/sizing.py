@@ -1,0 +1,175 @@
+"""How a call is sized: which strategy runs and how many token rows one chunk of logits holds.
+
+Memory a call may use on a GPU = what the driver reports free + what PyTorch's caching allocator holds but has not
+handed out (reserved - allocated): in a training loop most reusable memory sits in that cache, and
+`mem_get_info` alone would see almost none of it.
+
+What the chunked strategy holds beyond its inputs and outputs:
+  - the chunk buffer: fp32 [rows, V] for every input dtype (the 16-bit dL/dlogits are written into the same
+    storage); backend="torch" adds its epilogue's fp32 temporaries of the chunk;
+  - the fp32 [V, H] dW accumulator, only when there is more than one chunk and the weight needs a gradient
+    (with one chunk the dW GEMM writes the result directly).
+
+Rules (README, "How it works"):
+  - chunk rows: all rows in one chunk if they fit; else as many as fit, at most CHUNK_CAP_BYTES of buffer (larger
+    chunks gain no GEMM efficiency), balanced so the last chunk is not a sliver, and never fewer than
+    CHUNK_FLOOR rows (fewer would make every chunk re-read the whole LM head for little work): if even the floor
+    does not fit, the call raises torch.cuda.OutOfMemoryError saying what it needed.
+  - strategy="auto" is a pure function of the shapes, the dtype, whether the weight needs a gradient, the backend
+    and the device's *total* memory, never of the memory free at the moment, so a training loop gets the same
+    strategy on every step: chunked when its footprint at the floor is at most 1/AUTO_TOTAL_FRACTION of the
+    device's total memory, else fused. CPU tensors always get chunked.
+Set GRPO_KERNELS_DEBUG=1 (or enable DEBUG on the "grpo_kernels" logger) to log each call's choice and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+
+_GIB = 1 << 30
+_MIB = 1 << 20
+
+CHUNK_FLOOR = 1024                 # rows
+CHUNK_CAP_BYTES = int(2.5 * _GIB)  # chunk buffer (and its torch temporaries) beyond which GEMMs gain nothing
+USABLE_FRACTION = 0.8              # of the available memory; the rest covers GEMM workspaces and fragmentation
+AUTO_TOTAL_FRACTION = 8            # auto: chunked when its floor footprint <= total device memory / this
+CPU_CHUNK_BYTES = 32 * _MIB        # CPU: small chunks cost little GEMM efficiency and keep temporaries small
+
+log = logging.getLogger("grpo_kernels")
+if os.environ.get("GRPO_KERNELS_DEBUG", "0").strip().lower() in ("1", "true", "on", "yes"):
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.DEBUG)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+    strategy: str      # "chunked" or "fused"
+    chunk_size: int    # rows per chunk (unused by the fused strategy)
+    reason: str
+
+
+def _elt(dtype: torch.dtype) -> int:
+    """Bytes of the chunk buffer / accumulator element: fp32, or fp64 for float64 inputs (torch backend)."""
+    return 8 if dtype == torch.float64 else 4
+
+
+def chunk_row_bytes(vocab: int, dtype: torch.dtype, torch_epilogue: bool) -> int:
+    """Bytes one token row of a chunk costs: the fp32 buffer row, plus the torch epilogue's temporaries in the
+    buffer's dtype (two, plus the fp32 upcast of a 16-bit buffer)."""
+    per_row = vocab * _elt(dtype)
+    if torch_epilogue:
+        per_row += vocab * _elt(dtype) * (2 if dtype in (torch.float32, torch.float64) else 3)
+    return per_row
+
+
+def accumulator_bytes(vocab: int, hidden: int, dtype: torch.dtype, weight_grad: bool) -> int:
+    """The [V, H] dW accumulator that exists when there is more than one chunk and the weight needs a gradient."""
+    return vocab * hidden * _elt(dtype) if weight_grad else 0
+
+
+def available_bytes(device: torch.device) -> int:
+    """Driver-free memory plus what PyTorch's caching allocator holds unused on `device`."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(0, int(cached))
+
+
+@functools.lru_cache(maxsize=None)
+def _total_bytes(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+def total_bytes(device: torch.device) -> int:
+    return _total_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _gib(n: int) -> str:
+    return f"{n / _GIB:.2f} GiB"
+
+
+def _balanced(n: int, max_rows: int) -> int:
+    """Rows per chunk for n rows in chunks of at most max_rows, equal sizes (multiples of 256 where that fits)."""
+    k = -(-n // max_rows)
+    rows = -(-n // k)
+    up = -(-rows // 256) * 256
+    return up if up <= max_rows else rows
+
+
+def default_chunk_size(num_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                       torch_epilogue: bool = False, weight_grad: bool = True) -> int:
+    """Rows per chunk of the chunked strategy for `num_rows` token rows (see the module docstring)."""
+    return _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad)[0]
+
+
+def _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad) -> tuple[int, str]:
+    n = max(int(num_rows), 1)
+    per_row = chunk_row_bytes(vocab, dtype, torch_epilogue)
+    if device.type != "cuda":
+        rows = max(16, CPU_CHUNK_BYTES // per_row)
+        return min(n, _balanced(n, rows)), f"CPU: chunk buffer up to {CPU_CHUNK_BYTES >> 20} MiB"
+    avail = available_bytes(device)
+    usable = int(avail * USABLE_FRACTION)
+    where = f"{_gib(avail)} available on {device} (driver free + PyTorch cache), {USABLE_FRACTION:.0%} usable"
+    if n * per_row <= min(usable, CHUNK_CAP_BYTES):
+        return n, f"all {n} rows fit in one chunk ({_gib(n * per_row)}); {where}"
+    acc = accumulator_bytes(vocab, hidden, dtype, weight_grad)
+    max_rows = min(usable - acc, CHUNK_CAP_BYTES) // per_row
+    floor = min(CHUNK_FLOOR, n)
+    if max_rows < floor:
+        raise torch.cuda.OutOfMemoryError(
+            f"grpo_kernels: the chunked strategy needs {_gib(floor * per_row + acc)} on {device} for {n} token rows "
+            f"(a {floor}-row chunk of V={vocab} fp32 logits: {_gib(floor * per_row)}"
+            + (f"; the fp32 dW accumulator [{vocab}, {hidden}]: {_gib(acc)}" if acc else "")
+            + f") but only {_gib(usable)} of {_gib(avail)} available is usable. Pass strategy='fused' (O(tokens) "
+            "extra memory), a smaller chunk_size, or free memory.")
+    rows = _balanced(n, max_rows)
+    why = (f"{-(-n // rows)} chunks of <= {rows} rows ({_gib(rows * per_row)} each"
+           + (f", + {_gib(acc)} dW accumulator" if acc else "") + f"); {where}")
+    return rows, why
+
+
+def choose_strategy(strategy: str, num_rows: int, vocab: int, hidden: int, dtype: torch.dtype,
+                    device: torch.device, torch_epilogue: bool = False, weight_grad: bool = True) -> str:
+    """'auto' -> 'chunked' or 'fused' by the fixed rule of the module docstring; other values pass through."""
+    return _strategy(strategy, num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad)[0]
+
+
+def _strategy(strategy, num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad) -> tuple[str, str]:
+    if strategy != "auto":
+        return strategy, "asked for"
+    if device.type != "cuda":
+        return "chunked", "auto on CPU"
+    n = max(int(num_rows), 1)
+    floor = min(CHUNK_FLOOR, n)
+    need = floor * chunk_row_bytes(vocab, dtype, torch_epilogue)
+    if n > floor:
+        need += accumulator_bytes(vocab, hidden, dtype, weight_grad)
+    limit = total_bytes(device) // AUTO_TOTAL_FRACTION
+    pick = "chunked" if need <= limit else "fused"
+    return pick, (f"auto: chunked needs {_gib(need)} at its {floor}-row floor, "
+                  f"{'<=' if pick == 'chunked' else '>'} 1/{AUTO_TOTAL_FRACTION} of {device}'s total memory")
+
+
+def size_call(what: str, strategy: str, chunk_size: Optional[int], num_rows: int, vocab: int, hidden: int,
+              dtype: torch.dtype, device: torch.device, torch_epilogue: bool, weight_grad: bool) -> Sizing:
+    """Strategy and chunk rows for one call (a given chunk_size is used as is); logged at DEBUG level."""
+    strat, why_s = _strategy(strategy, num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad)
+    if strat != "chunked":
+        chunk, why_c = chunk_size or max(int(num_rows), 1), "no chunks (fused)"
+    elif chunk_size:
+        chunk, why_c = chunk_size, "chunk_size given"
+    else:
+        chunk, why_c = _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad)
+    sizing = Sizing(strat, int(chunk), f"{why_s}; {why_c}")
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("grpo_kernels %s: %d rows, V=%d, H=%d, %s on %s -> strategy=%s chunk_size=%d (%s)", what,
+                  num_rows, vocab, hidden, str(dtype).replace("torch.", ""), device, sizing.strategy,
+                  sizing.chunk_size, sizing.reason)
+    return sizing
