@@ -1,4 +1,4 @@
-"""`python -m bench {loss,logprobs,step} ...`: plan a sweep, run each implementation in its own worker process,
+"""`python -m bench {loss,logprobs,step,gpu,report} ...`: plan a sweep, run each implementation in its own worker process,
 collect the numbers, print the table and write JSON / Markdown / PNG under bench/results/<device>-<date>/."""
 
 from __future__ import annotations
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import step
 
     step.add_args(sub.add_parser("step", help="one GRPO training step of the bundled trainer vs TRL", description=step.__doc__))
+    from . import gpu
+
+    gpu.add_args(sub.add_parser("gpu", help="everything a lent GPU should measure, in one call (<= 8 min)", description=gpu.__doc__))
     rp = sub.add_parser("report", help="re-render the table, Markdown and plots of a saved results JSON")
     rp.add_argument("json", nargs="+", help="bench/results/<device>-<date>/<tag>.json")
     rp.add_argument("--no-plots", action="store_true")
@@ -389,9 +392,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_worker"]:
         worker_entry()
         return 0
+    if argv[:1] == ["_gpu_env"] and len(argv) == 2:
+        from .gpu import env_main
+
+        env_main(argv[1])
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "gpu":
+            from . import gpu
+
+            return gpu.main(args)
         if args.command == "step":
             from . import step
 

@@ -151,12 +151,11 @@ def gpu_targets(res: dict) -> list[dict]:
                 q <= 0.55, dev_note)
     long = _find(res, "ours-fused", **dict(GPU_SHAPE, tokens=GPU_N_LONG, zero_adv_frac=0.0))
     target = f"llama3-8b bf16 N={GPU_N_LONG}: fused within 1.5x of its 8NHV floor"
-    rate = ((env.get("gemm") or {}).get("bf16") or {}).get("tflops")
-    if long is None or not rate:
+    floor6 = ((long or {}).get("roofline") or {}).get("floor_ms")  # 6NHV at the GEMM rate of that run
+    if long is None or not floor6:
         row(target, "ours-fused", None, None, "not measured" if long is None else "no bf16 GEMM rate measured")
     else:
-        c = long["case"]
-        floor_ms = 8.0 * c["tokens"] * c["hidden"] * c["vocab"] / (rate * 1e12) * 1e3
+        floor_ms = floor6 * 8.0 / 6.0
         x = long["time"]["median_ms"] / floor_ms
         row(target, "ours-fused", f"{x:.2f}x ({long['time']['median_ms']:.0f} ms vs {floor_ms:.0f} ms)", x <= 1.5, dev_note)
     return out
