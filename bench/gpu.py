@@ -180,7 +180,7 @@ class Runner:
             for i, (part, oc) in enumerate(zip(self.parts, self.outcomes), 1):
                 left = self.total_s - (time.monotonic() - t_start)
                 budget = min(part.budget_s, left)
-                if budget < 5:
+                if budget < min(5.0, part.budget_s):  # too little of the total left to start it
                     oc.status, oc.note = "skipped", "no time left in the total budget"
                     self.say(f"part {i}/{len(self.parts)} {part.name}: skipped (total budget spent)")
                     continue
