@@ -1,6 +1,7 @@
 """One GRPO training step end to end: the bundled trainer (grpo.GRPOTrainer, fused loss) against TRL's
-GRPOTrainer on the same model, data and config, with time and peak memory split into
-generation / scoring / update.
+GRPOTrainer (`trl`) and TRL's GRPOTrainer with our kernels patched in (`trl+gk`:
+grpo_kernels.integrations.trl.patch() before the trainer is built, unpatch() after), on the same model, data
+and config, with time and peak memory split into generation / scoring / update.
 
 Times: ours from the trainer's logged time/generation, time/scoring, time/update and step_time metrics; TRL
 (which logs no such split) from wrappers around its _generate and _calculate_rewards and a step callback, its
