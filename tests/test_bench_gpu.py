@@ -267,3 +267,25 @@ def test_patch_and_unpatch_wrap_only_the_trl_gk_variant(monkeypatch):
     assert state["calls"] == [("trl", False), ("trl+gk", True), ("trl+gk", True)]
     assert state["patched"] is False  # undone after the failing run too
     assert [r["status"] for r in got] == ["ok", "ok", "error"]
+
+
+def test_every_bench_part_parses_and_targets_the_issue_shapes():
+    """The GPU run is blind: each part's command line must parse as the bench CLI reads it."""
+    parser = cli.build_parser()
+    for p in gpu.plan():
+        if p.argv[:2] != ("-m", "bench") or p.argv[2].startswith("_"):
+            continue
+        args = parser.parse_args([a.replace("{scratch}", "/tmp/x") for a in p.argv[2:]])
+        if args.command in ("loss", "logprobs"):
+            device = "cuda"
+            cases, opts, timing = cli.sweep_config(args, device)
+            assert {(c.hidden, c.vocab, c.dtype) for c in cases} == {(4096, 128256, "bf16")}
+            assert all(c.tokens % c.seq_len == 0 for c in cases) and args.save_partial and args.no_markdown
+            from bench.impls import resolve_impls
+
+            assert resolve_impls(args.impls, args.command, torch.device("cpu"))  # every name is registered
+        else:
+            from bench import step
+
+            assert args.command == "step" and args.device == "cuda"
+            assert set(args.impls.split(",")) <= set(step.VARIANTS)
