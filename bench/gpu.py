@@ -65,30 +65,30 @@ class Outcome:
 
 
 def plan(pytest_timeout: bool | None = None) -> list[Part]:
-    """The parts, their budgets (about 7.75 minutes in all) and commands."""
+    """The parts, their budgets (7.67 minutes in all) and commands."""
     if pytest_timeout is None:
         pytest_timeout = importlib.util.find_spec("pytest_timeout") is not None
     tests = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", "--continue-on-collection-errors"]
     if pytest_timeout:
         tests += ["--timeout", "60"]
     return [
-        Part("env", 40, "GPU, driver, torch, triton, CUDA, clocks; which optional peers import",
+        Part("env", 35, "GPU, driver, torch, triton, CUDA, clocks; which optional peers import",
              ("-m", "bench", "_gpu_env", "{scratch}/env.json"), result="env.json"),
-        Part("gpu-tests", 80, "pytest -m gpu (each test at most 60 s where pytest-timeout is installed)",
+        Part("gpu-tests", 75, "pytest -m gpu (each test at most 60 s where pytest-timeout is installed)",
              (*tests, "tests"), capture="gpu-tests.txt"),
-        Part("loss-8k", 150, "loss fwd+bwd, llama3-8b bf16, N=8192, zero-advantage 0 and 0.5, every implementation",
+        Part("loss-8k", 170, "loss fwd+bwd, llama3-8b bf16, N=8192, zero-advantage 0 and 0.5, every implementation",
              ("-m", "bench", "loss", *SWEEP_FLAGS, "--tokens", "8192", "--zero-adv-frac", "0,0.5", "--impls", LOSS_IMPLS,
               "--worker-timeout", "70", "--out", "{scratch}", "--tag", "loss-llama3-8b-n8k"),
              result="loss-llama3-8b-n8k.json"),
-        Part("loss-64k", 75, "loss fwd+bwd, llama3-8b bf16, N=65536: ours (memory; fused against its 8NHV floor)",
+        Part("loss-64k", 70, "loss fwd+bwd, llama3-8b bf16, N=65536: ours (memory; fused against its 8NHV floor)",
              ("-m", "bench", "loss", *SWEEP_FLAGS, "--tokens", "65536", "--impls", "ours-auto,ours-fused,ours-chunked",
               "--worker-timeout", "45", "--out", "{scratch}", "--tag", "loss-llama3-8b-n64k"),
              result="loss-llama3-8b-n64k.json"),
-        Part("logprobs-16k", 60, "forward-only log-probs, llama3-8b bf16, N=16384",
+        Part("logprobs-16k", 55, "forward-only log-probs, llama3-8b bf16, N=16384",
              ("-m", "bench", "logprobs", *SWEEP_FLAGS, "--tokens", "16384", "--impls", LOGPROBS_IMPLS,
               "--worker-timeout", "30", "--out", "{scratch}", "--tag", "logprobs-llama3-8b-n16k"),
              result="logprobs-llama3-8b-n16k.json"),
-        Part("step", 60, "one GRPO step of the bundled trainer on CUDA (bf16, tiny 2-layer Llama) vs TRL, TRL+gk",
+        Part("step", 55, "one GRPO step of the bundled trainer on CUDA (bf16, tiny 2-layer Llama) vs TRL, TRL+gk",
              ("-m", "bench", "step", "--model", "tiny", "--device", "cuda", "--impls", STEP_VARIANTS, "--steps", "2",
               "--warmup-steps", "1", "--worker-timeout", "40", "--out", "{scratch}", "--tag", "step-tiny"),
              result="step-tiny.json"),
