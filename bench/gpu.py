@@ -57,7 +57,7 @@ class Part:
 class Outcome:
     name: str
     budget_s: float
-    status: str = "pending"  # ok | failed (exit code) | timeout | skipped | error
+    status: str = "pending"  # ok | failed (exit code) | timeout | skipped | error | interrupted
     seconds: float | None = None
     rc: int | None = None
     note: str = ""
@@ -186,7 +186,12 @@ class Runner:
                     continue
                 self.say(f"part {i}/{len(self.parts)} {part.name}: started, budget {budget / 60:.2f} min - {part.what}")
                 part_log = self.scratch / f"{part.name}.log"
-                done = run_part(part, self.scratch, part_log, budget)
+                try:
+                    done = run_part(part, self.scratch, part_log, budget)
+                except BaseException:  # SIGTERM / Ctrl-C of the whole command: the part's group is already killed
+                    oc.status, oc.note = "interrupted", "the bench gpu command itself was stopped"
+                    self._collect(part, oc, part_log)
+                    raise
                 oc.__dict__.update(done.__dict__)
                 self._collect(part, oc, part_log)
                 self.say(f"part {i}/{len(self.parts)} {part.name}: {oc.status.upper()} in {oc.seconds:.0f} s"
@@ -209,15 +214,25 @@ class Runner:
                 self.out = default_out(self.scratch / part.result)
 
     def sync(self) -> None:
-        """Copy the result files, gpu.log and a fresh summary.md into --out (never more than MAX_FILES)."""
+        """Copy the result files, gpu.log and a fresh summary.md into --out (never more than MAX_FILES). Never
+        raises: a summary that cannot be rendered is replaced by the error, the raw files still land."""
+        import traceback
+
         if self.out is None:
             self.out = default_out(None)
-        self.out.mkdir(parents=True, exist_ok=True)
-        names = [n for oc in self.outcomes for n in oc.files]
-        for n in names:
-            shutil.copyfile(self.scratch / n, self.out / n)
-        (self.out / "gpu.log").write_text("\n".join(self.log_lines) + "\n")
-        (self.out / "summary.md").write_text(render_summary(self.meta, self.outcomes, load_results(self.scratch, self.parts)))
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for n in dict.fromkeys(n for oc in self.outcomes for n in oc.files):
+                shutil.copyfile(self.scratch / n, self.out / n)
+            (self.out / "gpu.log").write_text("\n".join(self.log_lines) + "\n")
+        except OSError as exc:
+            self.echo(f"[bench gpu] could not write into {self.out}: {exc}", flush=True)
+            return
+        try:
+            text = render_summary(self.meta, self.outcomes, load_results(self.scratch, self.parts))
+        except Exception:
+            text = "# python -m bench gpu\n\nThe summary could not be rendered:\n\n```\n" + traceback.format_exc() + "```\n"
+        (self.out / "summary.md").write_text(text)
 
 
 def default_out(env_json: Path | None) -> Path:
@@ -426,6 +441,8 @@ def main(args: argparse.Namespace) -> int:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m bench " + " ".join(sys.argv[1:])}  # fmt: skip
     runner = Runner(parts, Path(args.out) if args.out else None, total_s, meta)
+    # a timeout around the whole command sends SIGTERM: stop the running part's process group, keep the files
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     runner.run()
     summary = (runner.out / "summary.md").read_text()
     # the device tool returns the end of stdout: finish with the parts and the targets

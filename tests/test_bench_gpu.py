@@ -289,3 +289,25 @@ def test_every_bench_part_parses_and_targets_the_issue_shapes():
 
             assert args.command == "step" and args.device == "cuda"
             assert set(args.impls.split(",")) <= set(step.VARIANTS)
+
+
+def test_sigterm_to_the_command_stops_the_part_and_keeps_the_summary(tmp_path):
+    """A timeout around `python -m bench gpu` (SIGTERM) kills the running part's group and leaves summary.md."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from bench import gpu\n"
+        "parts = [gpu.Part('sleepy', 120, 'sleeps', ('-c', 'import time; time.sleep(120)'))]\n"
+        "import signal; signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))\n"
+        f"gpu.Runner(parts, Path({str(tmp_path / 'out')!r}), 300, {{}}).run()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until the part has started
+        if "sleepy: started" in line:
+            break
+    time.sleep(1.0)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + 15
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| sleepy | 2.00 | interrupted |" in md
