@@ -336,8 +336,6 @@ def trl_backward_context() -> str | None:
     """Make `trl.trainer.utils` importable for ChunkedLogProbFunction.backward. None when TRL's own module
     imports; else installs a stand-in whose `maybe_gather_lm_head_ctx` returns a null context (TRL's own
     returns exactly that unless DeepSpeed ZeRO-3 is enabled) and returns why."""
-    import sys
-
     try:
         importlib.import_module("trl.trainer.utils")
         return None
@@ -364,7 +362,12 @@ def trl_logprobs(x: dict, temperature: float, outputs: tuple[str, ...]) -> torch
     h, ids = x["hidden"], x["ids"]
     mask = x["mask"].bool()
     # TRL scores only the real tokens on Triton devices ("compact"); elsewhere every position, masked after
-    compact = h.device.type in ("cuda", "xpu")
+    try:
+        from trl.kernels.chunked_logprob import _use_triton
+
+        compact = _use_triton(h.device)
+    except ImportError:
+        compact = h.device.type in ("cuda", "xpu")
     hh = h[mask] if compact else h.reshape(-1, h.shape[-1])
     tt = ids[mask] if compact else ids.reshape(-1)
     logp = ChunkedLogProbFunction.apply(hh, x["weight"], None, tt, temperature, trl_chunk_size(), None, 1.0, outputs)[0]
@@ -387,7 +390,7 @@ def _trl_unavailable(device, mode):
         from trl import kernels
 
         if not hasattr(kernels, "ChunkedLogProbFunction"):
-            return "this trl has no trl.kernels.ChunkedLogProbFunction (TRL >= 1.14 has it)"
+            return "this trl has no trl.kernels.ChunkedLogProbFunction (TRL 1.16 has it)"
     return reason
 
 
