@@ -436,6 +436,10 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_plan(parts, total_s))
         return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("[bench gpu] no CUDA device here: the GPU parts will fail and say so (--dry-run shows the plan)", flush=True)
     gi = git_info()
     meta = {"commit": args.commit or gi.get("commit"), "dirty": gi.get("dirty") if not args.commit else None,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
