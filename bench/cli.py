@@ -1,4 +1,4 @@
-"""`python -m bench {loss,logprobs,step} ...`: plan a sweep, run each implementation in its own worker process,
+"""`python -m bench {loss,logprobs,step,gpu,report} ...`: plan a sweep, run each implementation in its own worker process,
 collect the numbers, print the table and write JSON / Markdown / PNG under bench/results/<device>-<date>/."""
 
 from __future__ import annotations
@@ -101,8 +101,10 @@ def run_suite(
     threads: int | None = None,
     worker_timeout_s: float | None = None,
     progress: bool = True,
+    on_job_done: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Measure every (implementation, case); returns {'env': ..., 'records': [...]}, one record per pair."""
+    """Measure every (implementation, case); returns {'env': ..., 'records': [...]}, one record per pair.
+    `on_job_done`, when given, gets {'env', 'records'} so far after each worker (to save partial results)."""
     from .measure import reset_peak_rss
 
     dtypes = sorted({c.dtype for c in cases})
@@ -113,8 +115,10 @@ def run_suite(
         in_process,
         worker_timeout_s,
     )
-    if rc != 0:
-        raise RuntimeError(f"the environment probe failed (exit {rc}):\n{tail}")
+    if rc != 0 or not env:
+        # not fatal: the implementations can still be measured, only the GEMM ceiling (roofline) is missing
+        print(f"bench: the environment probe failed (exit {rc}); going on without it:\n{tail}", file=sys.stderr)
+        env = {"device_type": device.split(":")[0], "probe_error": f"exit {rc}: {tail.strip()[-500:]}", "gemm": {}}
 
     # Peak RSS is per process: one process per implementation if the peak can be reset between cases,
     # else one per (implementation, case).
@@ -151,6 +155,8 @@ def run_suite(
                     got.append(rec)
                     bar.advance(rec)
             records.extend(got)
+            if on_job_done is not None:
+                on_job_done({"env": env, "records": list(records)})
     finally:
         bar.close()
     return {"env": env, "records": records}
@@ -238,7 +244,7 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance-sampling-level", default="token", choices=["token", "sequence"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="grpo_kernels backend for the ours-* implementations")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    p.add_argument("--quick", action="store_true", help="CPU-sized run (< 2 min on 2 cores): preset quick, N=1k,2k,4k, fp32")
+    p.add_argument("--quick", action="store_true", help="CPU-sized run (minutes on 2 cores): preset quick, N=1k,2k,4k, fp32")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed reps per measurement (default 1 on CPU, 2 on GPU)")
     p.add_argument("--min-reps", type=int, default=None)
     p.add_argument("--max-reps", type=int, default=200)
@@ -246,11 +252,13 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the float64 correctness gate (not recommended)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-markdown", action="store_true", help="write only the JSON (python -m bench report renders it later)")
+    p.add_argument("--save-partial", action="store_true", help="rewrite the JSON after each implementation (complete=false until the end)")
     p.add_argument("--in-process", action="store_true", help="run implementations in this process (CPU memory then shares one process)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout", type=float, default=3600.0, help="seconds before one implementation's worker is killed")
-    p.add_argument("--out", default=None, help="output directory (default bench/results/<device>-<date>)")
+    p.add_argument("--out", default=None, help="output directory (default bench/results/<device>-<date> inside this clone: untracked files until committed)")
     p.add_argument("--tag", default=None, help="file-name stem (default <mode>-<presets>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -266,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import step
 
     step.add_args(sub.add_parser("step", help="one GRPO training step of the bundled trainer vs TRL", description=step.__doc__))
+    from . import gpu
+
+    gpu.add_args(sub.add_parser("gpu", help="everything a lent GPU should measure, in one call (<= 8 min)", description=gpu.__doc__))
     rp = sub.add_parser("report", help="re-render the table, Markdown and plots of a saved results JSON")
     rp.add_argument("json", nargs="+", help="bench/results/<device>-<date>/<tag>.json")
     rp.add_argument("--no-plots", action="store_true")
@@ -329,6 +340,32 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     impl_names = resolve_impls(args.impls, args.command, torch.device(device))
     argv = sys.argv[1:] if argv is None else argv
     started = _dt.datetime.now(_dt.timezone.utc)
+    tag = args.tag or f"{args.command}-{'_'.join(sorted({c.preset for c in cases}))}"
+
+    def meta(complete: bool) -> dict:
+        return {
+            "mode": args.command,
+            "command": "python -m bench " + " ".join(argv),
+            "args": vars(args),
+            "quick": bool(args.quick),
+            "impls": impl_names,
+            "opts": opts,
+            "timing": timing,
+            "device": device,
+            "date": started.isoformat(timespec="seconds"),
+            "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
+            "complete": complete,
+            **git_info(),
+        }
+
+    def out_dir(env: dict) -> Path:
+        return Path(args.out) if args.out else RESULTS_DIR / f"{device_slug(env)}-{started.date().isoformat()}"
+
+    def save_partial(part: dict) -> None:
+        # after each implementation: a run killed at a time limit still leaves what it measured
+        part = report.finalize({**part, "meta": meta(False)})
+        report.write_all(part, out_dir(part["env"]), tag, plots=False, markdown=False)
+
     res = run_suite(
         args.command,
         cases,
@@ -342,24 +379,11 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         threads=args.threads,
         worker_timeout_s=args.worker_timeout,
         progress=not args.quiet,
+        on_job_done=save_partial if args.save_partial else None,
     )
-    res["meta"] = {
-        "mode": args.command,
-        "command": "python -m bench " + " ".join(argv),
-        "args": vars(args),
-        "quick": bool(args.quick),
-        "impls": impl_names,
-        "opts": opts,
-        "timing": timing,
-        "device": device,
-        "date": started.isoformat(timespec="seconds"),
-        "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
-        **git_info(),
-    }
+    res["meta"] = meta(True)
     res = report.finalize(res)
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{device_slug(res['env'])}-{started.date().isoformat()}"
-    tag = args.tag or f"{args.command}-{'_'.join(sorted({c.preset for c in cases}))}"
-    paths = report.write_all(res, out, tag, plots=not args.no_plots)
+    paths = report.write_all(res, out_dir(res["env"]), tag, plots=not args.no_plots, markdown=not args.no_markdown)
     report.print_table(res)
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return res
@@ -370,9 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_worker"]:
         worker_entry()
         return 0
+    if argv[:1] == ["_gpu_env"] and len(argv) == 2:
+        from .gpu import env_main
+
+        env_main(argv[1])
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "gpu":
+            from . import gpu
+
+            return gpu.main(args)
         if args.command == "step":
             from . import step
 

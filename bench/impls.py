@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import inspect
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -316,6 +317,83 @@ def _cce_unavailable(device, mode):
     )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# TRL 1.16's own path: its GRPOTrainer patches the model's forward (`trl.trainer.utils.add_fused_lm_head`) to call
+# `trl.kernels.ChunkedLogProbFunction` on the real (unmasked) tokens, 4096-token x 32768-vocab tiles, with
+# outputs ("log_probs", "entropy") for the policy and ("log_probs",) for the reference model; the loss is plain
+# torch (the same formula as grpo_kernels.reference.reference_grpo_loss, which mirrors TRL's _compute_loss).
+# Only trl.kernels is imported; trl's trainer stack (datasets, accelerate, ...) is needed by one call in the
+# backward, `trl.trainer.utils.maybe_gather_lm_head_ctx`: where that module does not import, it is replaced by
+# what it returns without DeepSpeed ZeRO-3, a null context (see `trl_backward_context`).
+# ----------------------------------------------------------------------------------------------------------
+
+TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16, read from TRL when importable
+TRL_POLICY_OUTPUTS = ("log_probs", "entropy")  # GRPOTrainer: add_fused_lm_head(model, ..., outputs=these)
+TRL_REF_OUTPUTS = ("log_probs",)  # GRPOTrainer: add_fused_lm_head(self.ref_model, ...) with the default outputs
+
+
+def trl_backward_context() -> str | None:
+    """Make `trl.trainer.utils` importable for ChunkedLogProbFunction.backward. None when TRL's own module
+    imports; else installs a stand-in whose `maybe_gather_lm_head_ctx` returns a null context (TRL's own
+    returns exactly that unless DeepSpeed ZeRO-3 is enabled) and returns why."""
+    try:
+        importlib.import_module("trl.trainer.utils")
+        return None
+    except Exception as exc:
+        import contextlib
+        import types
+
+        why = f"import trl.trainer.utils failed ({type(exc).__name__}: {exc})".splitlines()[0][:200]
+        stand_in = types.ModuleType("trl.trainer.utils")
+        stand_in.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        stand_in.__doc__ = "bench stand-in: " + why
+        sys.modules["trl.trainer.utils"] = stand_in
+        return why + "; its maybe_gather_lm_head_ctx replaced by a null context (no ZeRO-3 here)"
+
+
+def trl_chunk_size() -> int:
+    return int(getattr(sys.modules.get("trl.trainer.utils"), "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_CHUNK_SIZE))
+
+
+def trl_logprobs(x: dict, temperature: float, outputs: tuple[str, ...]) -> torch.Tensor:
+    """(B, T) fp32 log-probs as TRL 1.16's fused LM head makes them (zeros at masked positions)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    h, ids = x["hidden"], x["ids"]
+    mask = x["mask"].bool()
+    # TRL scores only the real tokens on Triton devices ("compact"); elsewhere every position, masked after
+    try:
+        from trl.kernels.chunked_logprob import _use_triton
+
+        compact = _use_triton(h.device)
+    except ImportError:
+        compact = h.device.type in ("cuda", "xpu")
+    hh = h[mask] if compact else h.reshape(-1, h.shape[-1])
+    tt = ids[mask] if compact else ids.reshape(-1)
+    logp = ChunkedLogProbFunction.apply(hh, x["weight"], None, tt, temperature, trl_chunk_size(), None, 1.0, outputs)[0]
+    if compact:
+        return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+    return logp.view(mask.shape).masked_fill(~mask, 0)
+
+
+def _make_trl(mode, x, opts):
+    trl_backward_context()
+    t = opts.get("temperature", 1.0)
+    if mode == "loss":
+        return lambda: loss_from_logprobs(trl_logprobs(x, t, TRL_POLICY_OUTPUTS), x, opts)
+    return lambda: trl_logprobs(x, t, TRL_REF_OUTPUTS)
+
+
+def _trl_unavailable(device, mode):
+    reason = _missing("trl") or _import_error("trl.kernels")
+    if reason is None:
+        from trl import kernels
+
+        if not hasattr(kernels, "ChunkedLogProbFunction"):
+            return "this trl has no trl.kernels.ChunkedLogProbFunction (TRL 1.16 has it)"
+    return reason
+
+
 REGISTRY: dict[str, Impl] = {}
 
 
@@ -342,6 +420,17 @@ register(
         "TRL's path: full logits, fp32 log_softmax+gather, loss in torch, autograd",
         _make_torch,
         materializes_logits=True,
+        tags=("baseline",),
+    )
+)
+register(
+    Impl(
+        "trl",
+        ("loss", "logprobs"),
+        "TRL 1.16's path: trl.kernels.ChunkedLogProbFunction on the real tokens (4096x32768 tiles, bf16 logits "
+        "on GPU, recompute in backward), the loss in torch",
+        _make_trl,
+        _trl_unavailable,
         tags=("baseline",),
     )
 )

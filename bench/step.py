@@ -1,6 +1,7 @@
 """One GRPO training step end to end: the bundled trainer (grpo.GRPOTrainer, fused loss) against TRL's
-GRPOTrainer on the same model, data and config, with time and peak memory split into
-generation / scoring / update.
+GRPOTrainer (`trl`) and TRL's GRPOTrainer with our kernels patched in (`trl+gk`:
+grpo_kernels.integrations.trl.patch() before the trainer is built, unpatch() after), on the same model, data
+and config, with time and peak memory split into generation / scoring / update.
 
 Times: ours from the trainer's logged time/generation, time/scoring, time/update and step_time metrics; TRL
 (which logs no such split) from wrappers around its _generate and _calculate_rewards and a step callback, its
@@ -25,12 +26,13 @@ from pathlib import Path
 import torch
 
 PHASES = ("generation", "scoring", "update")
-VARIANTS = ("ours-auto", "ours-chunked", "ours-fused", "trl")
+VARIANTS = ("ours-auto", "ours-chunked", "ours-fused", "trl", "trl+gk")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="tiny (seeded 2-layer Llama), smollm2 (SmolLM2-135M-Instruct) or a local path")
-    p.add_argument("--impls", default="ours-auto,trl", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--impls", default="ours-auto,trl,trl+gk", help=f"comma list of {', '.join(VARIANTS)} (trl+gk: TRL's "
+                   "GRPOTrainer after grpo_kernels.integrations.trl.patch())")
     p.add_argument("--steps", type=int, default=3, help="measured optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="steps run first and not counted")
     p.add_argument("--num-generations", type=int, default=4)
@@ -261,18 +263,42 @@ def _run_trl(task: dict, device: torch.device) -> dict:
     return {"per_step": steps[task["warmup_steps"] :], "peak_extra_bytes": meter.peak, "process_peak_bytes": _process_peak(device)}
 
 
+def _gk_trl_integration():
+    """(module, None) for grpo_kernels.integrations.trl, or (None, why it is unavailable)."""
+    try:
+        from grpo_kernels.integrations import trl as gkt
+    except ModuleNotFoundError as exc:
+        if exc.name in ("grpo_kernels.integrations", "grpo_kernels.integrations.trl"):
+            return None, "grpo_kernels.integrations.trl not found"
+        return None, f"import grpo_kernels.integrations.trl failed: {exc}"
+    except Exception as exc:
+        return None, f"import grpo_kernels.integrations.trl failed: {type(exc).__name__}: {exc}"[:300]
+    return gkt, None
+
+
 def run_step_task(task: dict, emit) -> None:
     device = torch.device(task["device"])
     if task.get("threads"):
         torch.set_num_threads(int(task["threads"]))
     rec = {"variant": task["variant"], "model": task["model"], "config": task["config"], "threads": torch.get_num_threads()}
     try:
-        if task["variant"] == "trl":
+        if task["variant"] in ("trl", "trl+gk"):
             reason = _trl_unavailable()
+            gkt = None
+            if reason is None and task["variant"] == "trl+gk":
+                gkt, reason = _gk_trl_integration()
             if reason:
                 emit({**rec, "status": "unavailable", "error": reason})
                 return
-            out = _run_trl(task, device)
+            if gkt is None:
+                out = _run_trl(task, device)
+            else:
+                # only this variant runs patched: patch before TRL's trainer is built, undo it right after
+                gkt.patch()
+                try:
+                    out = _run_trl(task, device)
+                finally:
+                    gkt.unpatch()
         else:
             try:
                 import grpo.trainer  # noqa: F401

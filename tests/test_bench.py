@@ -269,3 +269,19 @@ def test_liger_adapter_passes_the_gate(mode):
         pytest.skip(impl.unavailable(device, mode))
     gate = measure.correctness(impl, mode, "fp32", OPTS, device)
     assert gate["ok"], gate
+
+
+def test_sweep_saves_partial_json_after_each_implementation(tmp_path):
+    """--save-partial: the JSON is rewritten after every implementation (a run killed at a time limit keeps what
+    it measured); the final write marks it complete and --no-markdown leaves the JSON alone."""
+    seen = []
+    cli.run_suite("loss", _cases(tokens=(96,)), ["torch", "ours-chunked"], OPTS, "cpu", TINY_TIMING, in_process=True,
+                  progress=False, on_job_done=lambda part: seen.append([r["impl"] for r in part["records"]]))  # fmt: skip
+    assert seen == [["torch"], ["torch", "ours-chunked"]]
+    argv = ["loss", "--preset", "tiny", "--tokens", "96", "--seq-len", "48", "--impls", "torch", "--device", "cpu",
+            "--in-process", "--no-plots", "--no-markdown", "--save-partial", "--out", str(tmp_path), "--tag", "t",
+            "--budget", "0.02", "--min-reps", "2", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["meta"]["complete"] is True and data["records"][0]["status"] == "ok"
