@@ -271,3 +271,70 @@ def test_entropy_bonus_matches_trl(setup, monkeypatch, entropy_source):
     assert_same_run(ours, theirs)
     row = ours[0][0]
     assert row["entropy_coef"] == 0.05 and abs(row["loss"] - row["policy_loss"]) > 1e-3  # the bonus counts
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Deliberate differences from TRL 1.16
+# ------------------------------------------------------------------------------------------------------------------
+def test_position_ids_follow_generate_with_absolute_position_embeddings(tmp_path):
+    """On a GPT-2-style model (learned absolute positions), the trainer's log-probs equal the sampler's; TRL's way
+    of scoring (no position_ids: positions counted from the start of the left-padded row) does not on padded rows.
+    For RoPE models both ways give the same numbers (the parity tests above run a Llama)."""
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    from grpo import rollout
+
+    tok = build_tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config).eval()
+        with torch.no_grad():
+            model.transformer.wpe.weight.normal_(0.0, 0.5)  # positions that matter, as in a trained model
+    sampled = {}
+
+    def generate(model, tokenizer, prompt_ids, max_new_tokens, eos_ids, sampling, batch_size=None):
+        ids, mask = rollout.pad(prompt_ids, tokenizer.pad_token_id, "left")
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids, output_logits=True,
+                               return_dict_in_generate=True)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        completions = out.sequences[:, ids.shape[1]:]
+        logp = torch.stack(out.logits, 1).float().log_softmax(-1)
+        sampled["logp"] = logp.gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+        return completions.tolist()
+
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4,
+                      max_completion_length=5)
+    rows = [{"prompt": p} for p in ("A much longer prompt, so the other row is padded.", "Hi") for _ in range(2)]
+    batch = rollout.generate_rollout(model, tok, rows, args, generate)
+    assert bool(batch.completion_mask.all()) and not bool(batch.prompt_mask.all())  # left padding in play
+    ours = update.per_token_logps(model, batch, args)  # shared-prompt KV-cache path (prompts repeat)
+    assert (ours - sampled["logp"]).abs().max() < 1e-5
+
+    ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+    mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
+    with torch.no_grad():  # TRL 1.16's scoring: no position_ids
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, batch.prompt_ids.shape[1] - 1 : -1].float()
+    trl_way = logits.log_softmax(-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    gap = (trl_way - sampled["logp"]).abs().amax(1)
+    assert gap[:2].max() < 1e-5 and gap[2:].min() > 1e-2  # unpadded rows agree, padded rows do not
+
+
+def test_a_trailing_pad_token_is_not_a_terminator(tmp_path):
+    """Completions end at the first EOS; one that uses the whole budget is truncated even when its last sampled
+    token is the pad token (pad ≠ EOS here). TRL 1.16 counts such a completion as terminated; generate() does not
+    stop at the pad token, so the budget cut it."""
+    from grpo import rollout
+
+    tok = build_tiny_tokenizer()
+    assert tok.pad_token_id != tok.eos_token_id
+    model = build_tiny_model(tok)
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    lists = [[a, b, tok.pad_token_id], [a, tok.eos_token_id], [a, tok.pad_token_id, b], [a, b, a]]
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4,
+                      max_completion_length=3, mask_truncated_completions=True)
+    batch = rollout.generate_rollout(model, tok, [{"prompt": "x"}] * 4, args, lambda *a, **k: [list(c) for c in lists])
+    assert batch.is_truncated.tolist() == [True, False, True, True]
+    assert batch.completion_mask.sum(1).tolist() == [0, 2, 0, 0]
