@@ -111,7 +111,9 @@ class GRPOConfig:
     reward_weights: list[float] | None = None  # length checked by the trainer against its reward functions
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0  # < 1: only the highest-entropy fraction of tokens carries policy gradient
-    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef × mean entropy (TRL's static control)
+    entropy_coef: float = dataclasses.field(default=0.0, metadata={"help": (
+        "Entropy bonus (TRL's static control): the loss subtracts entropy_coef × the mean entropy of the completion "
+        "tokens that carry policy gradient. 0 disables it; needs a differentiable entropy from grpo_kernels.")})
     use_bias_correction_kl: bool = True  # KL term × importance ratio (TRL 1.16's default)
 
     # --- optimisation -------------------------------------------------------------------------------------------

@@ -232,12 +232,12 @@ def test_accumulation_and_reused_rollouts_match_trl(setup, loss_type):
     assert clip[0] == 0.0 and clip[1] > 0.0  # the second pass really runs off-policy (ratios clipped)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_top_entropy_quantile_matches_trl(setup, loss_type):
-    settings = dict(loss_type=loss_type, beta=0.04, top_entropy_quantile=0.5)
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "token"), ("grpo", "sequence")])
+def test_top_entropy_quantile_matches_trl(setup, loss_type, level):
+    settings = dict(loss_type=loss_type, beta=0.04, top_entropy_quantile=0.5, importance_sampling_level=level)
     ours, theirs = run_ours(setup, **settings), run_trl(setup, **settings)
     assert_same_run(ours, theirs)
-    full = run_ours(setup, loss_type=loss_type, beta=0.04)
+    full = run_ours(setup, loss_type=loss_type, beta=0.04, importance_sampling_level=level)
     assert rel(ours[1][0]["lm_head.weight"], full[1][0]["lm_head.weight"]) > 1e-2  # the mask does something
 
 
