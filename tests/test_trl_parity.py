@@ -217,12 +217,14 @@ def test_one_step_matches_trl_at_each_sides_defaults(setup, loss_type, beta):
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_accumulation_and_reused_rollouts_match_trl(setup, loss_type):
     # Two micro-batches per optimizer step (each loss scaled for accumulation) and each rollout used for two
-    # optimizer steps (old log-probs from before the first one; a large lr so the second step's ratios move).
+    # optimizer steps (old log-probs from before the first one; a large lr so the second step's ratios move), with
+    # weight decay (neither side decays norm weights).
     # adam_epsilon is pinned (both sides) at 1e-3: AdamW's first update lr·g/(|g| + eps) turns the last digits of
     # gradient entries with |g| near eps into weight differences, and with the default 1e-8 the second step's
     # grad_norm then differs by ~2e-4 (relative) for that reason alone.
     settings = dict(loss_type=loss_type, beta=0.04, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                    num_iterations=2, max_steps=2, learning_rate=0.05, adam_epsilon=1e-3)
+                    num_iterations=2, max_steps=2, learning_rate=0.05, adam_epsilon=1e-3,
+                    weight_decay=0.1)
     ours, theirs = run_ours(setup, **settings), run_trl(setup, **settings)
     # Per-token metrics are logged as the mean over micro-batches of each micro-batch's masked mean (both sides),
     # so they depend on how the generation batch was shuffled into micro-batches, which each side does with its
