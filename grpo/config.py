@@ -1,4 +1,4 @@
-"""GRPOConfig: every knob of a GRPO run, with TRL's names and defaults.
+"""GRPOConfig: every knob of a GRPO run, with TRL 1.16's names and defaults.
 
 A plain dataclass (no transformers.TrainingArguments): the fields a lean trainer actually reads, validated once at
 construction so that a bad combination fails before a model is loaded, with a message that names the numbers and
@@ -7,6 +7,30 @@ says how to fix them.
 Derived fields follow TRL's ``GRPOConfig.__post_init__``: ``epsilon_high`` defaults to ``epsilon``; the generation
 batch is ``per_device_train_batch_size × world_size × steps_per_generation`` completions, i.e.
 ``generation_batch_size / num_generations`` prompts per rollout.
+
+Defaults are TRL 1.16's (``trl.GRPOConfig``) for every field both have, except these (``DIFFERS_FROM_TRL``; a test
+compares every shared field with TRL's and fails on a difference not listed here):
+
+- ``output_dir``: ``"runs/grpo"`` (TRL: None → ``"trainer_output"``); runs live together under ``runs/``.
+- ``max_completion_length``: 256, the seed's value (TRL: 512). Also dr_grpo's normalizer, so dr_grpo's loss
+  scale differs from TRL's unless it is set equal.
+- ``num_train_epochs``: 1 (TRL: 3); runs are usually bounded by ``max_steps`` anyway.
+- ``logging_steps``: 1 (TRL: 10); short runs, and a row per step costs nothing.
+- ``gradient_checkpointing``: False (TRL: True); the models a lean trainer runs fit without it, and it would turn
+  off the shared-prompt KV cache of ``update.completion_hidden``. Same math either way.
+- ``bf16``: None = auto, True only on a CUDA device with bf16 (TRL: None resolves to True, which refuses to run on
+  a CPU without ``use_cpu``).
+
+Fields TRL 1.16 does not have (``OURS_ONLY``): ``max_prompt_length`` (512, the seed's value: longer prompts are
+left-truncated; TRL 1.16 never truncates prompts, ``None`` does the same here), ``system_prompt``,
+``attn_implementation`` (TRL: inside ``model_init_kwargs``), ``warmup_ratio`` (transformers 5 folded it into
+``warmup_steps``), ``eval_max_samples``, ``eval_temperature``, ``disable_progress_bar`` (transformers:
+``disable_tqdm``), ``kernel_backend``, ``kernel_strategy``, ``kernel_chunk_size``.
+
+Behaviour that differs from TRL 1.16 with equal settings (README, "Trainer defaults and TRL 1.16"): position ids
+count from the first real token of a left-padded row, as ``generate`` does (TRL passes none when it scores
+completions: the same for RoPE models, different for absolute position embeddings); a completion is truncated
+when it does not end in an EOS token (TRL also counts a trailing pad token as a terminator when pad ≠ EOS).
 """
 
 from __future__ import annotations
@@ -31,6 +55,18 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 KERNEL_STRATEGIES = ("auto", "chunked", "fused")
 # The per-token loss of these uses log-probs / ratios in a way that a sequence-level ratio does not define.
 _TOKEN_ONLY_LOSSES = ("cispo", "sapo", "vespo")
+
+# Defaults that differ from TRL 1.16's trl.GRPOConfig, and fields it does not have (see the module docstring).
+DIFFERS_FROM_TRL = {
+    "output_dir": "runs live together under runs/",
+    "max_completion_length": "256, the seed's value (TRL: 512); also dr_grpo's normalizer",
+    "num_train_epochs": "1 (TRL: 3); runs are usually bounded by max_steps",
+    "logging_steps": "1 (TRL: 10); a row per step costs nothing",
+    "gradient_checkpointing": "False (TRL: True); it would also turn off the shared-prompt KV cache",
+    "bf16": "auto: True only on a CUDA device with bf16 (TRL: True, which refuses a CPU without use_cpu)",
+}
+OURS_ONLY = ("max_prompt_length", "system_prompt", "attn_implementation", "warmup_ratio", "eval_max_samples",
+             "eval_temperature", "disable_progress_bar", "kernel_backend", "kernel_strategy", "kernel_chunk_size")
 
 # Fields derived in __post_init__: to_dict() writes what the user gave, so that from_dict(to_dict()) rebuilds the
 # same config (possibly under another WORLD_SIZE) instead of tripping over "both set".
@@ -74,8 +110,11 @@ class GRPOConfig:
     scale_rewards: str = "group"  # True -> "group", False -> "none", as TRL
     reward_weights: list[float] | None = None  # length checked by the trainer against its reward functions
     mask_truncated_completions: bool = False
-    top_entropy_quantile: float = 1.0
-    use_bias_correction_kl: bool = False
+    top_entropy_quantile: float = 1.0  # < 1: only the highest-entropy fraction of tokens carries policy gradient
+    entropy_coef: float = dataclasses.field(default=0.0, metadata={"help": (
+        "Entropy bonus (TRL's static control): the loss subtracts entropy_coef × the mean entropy of the completion "
+        "tokens that carry policy gradient. 0 disables it; needs a differentiable entropy from grpo_kernels.")})
+    use_bias_correction_kl: bool = True  # KL term × importance ratio (TRL 1.16's default)
 
     # --- optimisation -------------------------------------------------------------------------------------------
     learning_rate: float = 1e-6
@@ -250,6 +289,17 @@ class GRPOConfig:
         _check_int("num_iterations", self.num_iterations, 1)
         _check_number("top_entropy_quantile", self.top_entropy_quantile, lo=0.0, hi=1.0, lo_open=True,
                       hint="1.0 keeps every token; 0.2 keeps the 20% highest-entropy tokens")
+        if self.top_entropy_quantile < 1.0 and self.loss_type == "vespo":
+            raise ValueError(
+                f"top_entropy_quantile={self.top_entropy_quantile} with loss_type='vespo' is not supported: the fused "
+                "loss applies the token mask through its per-token ratio input, which vespo reads as a vLLM "
+                "importance ratio inside its sequence weights. Use top_entropy_quantile=1.0 or another loss_type."
+            )
+        if isinstance(self.entropy_coef, bool) or not isinstance(self.entropy_coef, (int, float)) or not (
+            abs(self.entropy_coef) < float("inf")
+        ):
+            raise ValueError(f"entropy_coef must be a finite number (0.0 disables the entropy bonus), got "
+                             f"{self.entropy_coef!r}")
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ValueError(
                 "loss_type='dr_grpo' normalises the loss by the constant max_completion_length, but it is None: set "

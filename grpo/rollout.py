@@ -259,6 +259,8 @@ def generate_rollout(model, tokenizer, rows: list[dict], args, generate_fn=hf_ge
 
     p_ids, p_mask = pad(prompt_ids, tokenizer.pad_token_id, "left", device)
     c_ids, c_mask = pad(completion_lists, tokenizer.pad_token_id, "right", device)
+    # Truncated = no EOS at the end. A trailing pad token does not count as a terminator (TRL 1.16 counts it when
+    # pad != EOS): generate() does not stop at it, so a completion ending in one was cut by the budget.
     truncated = torch.tensor([not c or c[-1] not in eos_ids for c in completion_lists], device=device)
     if args.mask_truncated_completions:
         c_mask = c_mask * (~truncated).unsqueeze(1).long()

@@ -26,11 +26,11 @@ CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/regio
 
 def check_supported(model, args) -> None:
     """Fail early on what the fused loss cannot express."""
-    if args.top_entropy_quantile < 1.0:
+    if args.entropy_coef != 0.0 and not entropy_is_differentiable():
         raise NotImplementedError(
-            f"top_entropy_quantile={args.top_entropy_quantile}: masking all but the highest-entropy tokens needs the "
-            "per-token entropy before the loss is formed, and the fused GRPO loss only returns the masked mean "
-            "entropy. Use top_entropy_quantile=1.0."
+            f"entropy_coef={args.entropy_coef}: the entropy bonus needs a differentiable per-token entropy from "
+            "grpo_kernels.linear_logprobs(..., return_entropy=True), and this grpo_kernels returns it detached. "
+            "Use entropy_coef=0.0."
         )
     config = getattr(model, "config", None)
     for name in ("final_logit_softcapping", "logit_softcapping"):
@@ -183,11 +183,22 @@ def micro_step(model, loss_fn, mb, args, world_size: int) -> tuple[float, dict[s
     num_items = None
     if args.loss_type in GLOBAL_NORM_LOSSES:
         num_items = torch.tensor(max(1.0, float(mb.num_items_in_batch)), device=hidden.device)
+    entropy = token_entropy(hidden, weight, bias, mb.completion_ids, args)
+    keep = None
+    if args.top_entropy_quantile < 1.0:
+        keep = high_entropy_mask(entropy.detach(), mb.completion_mask, args.top_entropy_quantile)
+    # The fused loss multiplies the policy term by its per-token ratio input before adding the KL term (ℓ ← ℓ·ρ +
+    # β·k), which is exactly where TRL multiplies the entropy mask; its normalizer and metrics still count every
+    # completion token, as TRL's do.
     loss, metrics = loss_fn(
         hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
         ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
+        vllm_is_ratio=None if keep is None else keep.to(torch.float32),
     )
     loss = loss * loss_multiplier(args, world_size)
+    policy_loss = float(loss.detach())
+    if args.entropy_coef != 0.0:
+        loss = loss - args.entropy_coef * entropy_bonus(entropy, mb.completion_mask, keep, args)
     loss.backward()
 
     tokens = float(mb.completion_mask.sum())
@@ -201,4 +212,76 @@ def micro_step(model, loss_fn, mb, args, world_size: int) -> tuple[float, dict[s
             sums[name] = (float(value) * clip_count, clip_count)
     elif args.loss_type == "cispo":
         sums["cispo_clip_ratio"] = (float(metrics.clip_ratio) * tokens, tokens)
+    if args.entropy_coef != 0.0:
+        # TRL logs the policy term before the bonus, per micro-batch and before its accumulation scaling (except
+        # dapo/cispo/vespo, whose normalizer includes it), and the coefficient.
+        if args.loss_type not in GLOBAL_NORM_LOSSES:
+            policy_loss *= args.gradient_accumulation_steps
+        sums["policy_loss"] = (policy_loss, 1.0)
+        sums["entropy_coef"] = (args.entropy_coef, 1.0)
     return float(loss.detach()), sums
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entropy: top_entropy_quantile mask and entropy bonus (TRL 1.16's _compute_loss)
+# ----------------------------------------------------------------------------------------------------------------
+def token_entropy(hidden, weight, bias, completion_ids, args) -> torch.Tensor | None:
+    """Per-token entropy [B, C] of the policy at `temperature` when the mask or the bonus needs it, else None.
+
+    Costs one more pass over the LM head (the backbone's hidden states are reused): forward-only (2·N·H·V FLOPs)
+    for the mask alone, forward and backward through the differentiable entropy for the bonus (which then also
+    gives the mask)."""
+    import grpo_kernels as gk
+
+    if args.entropy_coef == 0.0 and args.top_entropy_quantile >= 1.0:
+        return None
+    kwargs = dict(temperature=args.temperature, return_entropy=True, backend=args.kernel_backend,
+                  strategy=args.kernel_strategy, chunk_size=args.kernel_chunk_size)
+    if args.entropy_coef != 0.0:
+        return gk.linear_logprobs(hidden, weight, completion_ids, bias, **kwargs)[1]
+    with torch.no_grad():
+        return gk.linear_logprobs(hidden.detach(), weight.detach(), completion_ids,
+                                  None if bias is None else bias.detach(), **kwargs)[1]
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """TRL's get_high_entropy_mask: True where a completion token's entropy is at least the (1 - quantile)
+    quantile (linear interpolation, torch.quantile) of all completion tokens of this micro-step on all ranks."""
+    values = _gather_varlen(entropy[mask.bool()].float())
+    if values.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return (entropy >= threshold) & mask.bool()
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None, args) -> torch.Tensor:
+    """TRL's entropy term: mean entropy over the tokens that carry policy gradient, divided by
+    gradient_accumulation_steps only (not by a loss type's normalizer); the loss subtracts entropy_coef × it."""
+    effective = mask.to(entropy.dtype) if keep is None else mask.to(entropy.dtype) * keep.to(entropy.dtype)
+    return (entropy * effective).sum() / effective.sum().clamp(min=1.0) / args.gradient_accumulation_steps
+
+
+def entropy_is_differentiable() -> bool:
+    """Whether gk.linear_logprobs(..., return_entropy=True) gives an entropy that gradients flow through."""
+    import grpo_kernels as gk
+
+    h = torch.randn(2, 3, requires_grad=True)
+    _, ent = gk.linear_logprobs(h, torch.randn(5, 3), torch.tensor([0, 4]), return_entropy=True, backend="torch")
+    return ent.requires_grad
+
+
+def _gather_varlen(values: torch.Tensor) -> torch.Tensor:
+    """1-D tensors of different lengths from every rank, concatenated (the tensor itself without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    n = torch.tensor([values.numel()], device=values.device)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    width = int(max(int(c) for c in counts))
+    padded = torch.zeros(width, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)])

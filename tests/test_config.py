@@ -12,13 +12,15 @@ def _single_process(monkeypatch):
 
 
 def test_defaults_match_trl_names_and_values():
+    # TRL 1.16's values except those listed in DIFFERS_FROM_TRL (max_completion_length, num_train_epochs,
+    # logging_steps, output_dir); tests/test_trl_parity.py compares every shared field with trl.GRPOConfig itself.
     c = GRPOConfig()
     expected = dict(
         output_dir="runs/grpo", beta=0.0, num_generations=8, max_prompt_length=512, max_completion_length=256,
         temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, epsilon=0.2, delta=None,
         loss_type="dapo", importance_sampling_level="token", num_iterations=1, scale_rewards="group",
-        reward_weights=None, mask_truncated_completions=False, top_entropy_quantile=1.0,
-        use_bias_correction_kl=False, learning_rate=1e-6, lr_scheduler_type="linear", warmup_ratio=0.0,
+        reward_weights=None, mask_truncated_completions=False, top_entropy_quantile=1.0, entropy_coef=0.0,
+        use_bias_correction_kl=True, learning_rate=1e-6, lr_scheduler_type="linear", warmup_ratio=0.0,
         weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=-1, num_train_epochs=1.0,
         seed=42, logging_steps=1, save_steps=500, eval_strategy="no", report_to="none", kernel_backend="auto",
@@ -190,3 +192,19 @@ def test_coerce_value_for_cli():
         cv("max_steps", "ten")
     with pytest.raises(TypeError, match="did you mean 'max_steps'"):
         cv("max_step", "1")
+
+
+def test_entropy_options_validated():
+    with pytest.raises(ValueError, match="top_entropy_quantile=0.5 with loss_type='vespo'"):
+        GRPOConfig(top_entropy_quantile=0.5, loss_type="vespo")
+    with pytest.raises(ValueError, match="entropy_coef must be a finite number"):
+        GRPOConfig(entropy_coef=float("nan"))
+    assert GRPOConfig(top_entropy_quantile=0.2, entropy_coef=0.01).entropy_coef == 0.01
+
+
+def test_documented_differences_are_in_the_docstring():
+    import grpo.config as config
+
+    for name in (*config.DIFFERS_FROM_TRL, *config.OURS_ONLY):
+        assert f"``{name}``" in config.__doc__, name
+        assert name in GRPOConfig.field_names(), name

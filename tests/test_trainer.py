@@ -144,9 +144,32 @@ def test_no_old_logps_when_batch_is_used_within_one_step(tmp_path):
     assert all(mb.old_logps is None and mb.ref_logps is None for mb in trainer.buffer)
 
 
-def test_top_entropy_quantile_is_refused(tmp_path):
-    with pytest.raises(NotImplementedError, match="top_entropy_quantile"):
-        make_trainer(tmp_path, top_entropy_quantile=0.2)
+def test_high_entropy_mask_keeps_the_top_quantile_of_completion_tokens():
+    """TRL's rule: keep completion tokens whose entropy is at least the (1 - q) quantile (linear interpolation) of
+    the completion tokens' entropies; padding is never kept. (Parity with TRL itself: tests/test_trl_parity.py.)"""
+    g = torch.Generator().manual_seed(0)
+    entropy = torch.rand(3, 7, generator=g) * 5
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 2:] = 0
+    entropy[mask == 0] = 99.0  # padding with a huge entropy must still be dropped
+    values = sorted(entropy[mask.bool()].tolist())  # 14 tokens
+    for q in (0.2, 0.5, 1.0):
+        pos = (1 - q) * (len(values) - 1)
+        lo = int(pos)
+        threshold = values[lo] + (values[min(lo + 1, len(values) - 1)] - values[lo]) * (pos - lo)
+        keep = update.high_entropy_mask(entropy, mask, q)
+        expected = [[bool(m) and e >= threshold for e, m in zip(er, mr)] for er, mr in zip(entropy.tolist(),
+                                                                                            mask.tolist())]
+        assert keep.tolist() == expected, q
+        assert int(keep.sum()) == len(values) - lo - (1 if pos > lo else 0)
+    assert not update.high_entropy_mask(entropy, torch.zeros_like(mask), 0.5).any()
+
+
+def test_top_entropy_quantile_trains(tmp_path):
+    trainer = make_trainer(tmp_path, top_entropy_quantile=0.2, max_steps=1, beta=0.04)
+    row = trainer.train()[-1]
+    assert all(torch.isfinite(torch.tensor([row["loss"], row["grad_norm"], row["kl"]])))
 
 
 def test_reward_weights_must_match_functions(tmp_path):
