@@ -6,24 +6,32 @@
     grpo train --resume_from_checkpoint latest --output_dir runs/default
     grpo eval --model runs/default/checkpoint-16 [--dataset arithmetic] [--eval_max_samples 48]
 
-Any GRPOConfig field is a flag (`--name value` or `--name=value`, a bare `--flag` means true), parsed by the
-field's type ("none" → None, "true"/"false", comma lists, JSON). Run-level flags: --model, --dataset,
---eval_dataset, --reward_funcs, --instruction (text after each question), --preset, --resume_from_checkpoint,
---no_eval. Precedence: preset < YAML < flags.
+`grpo train --help` (or -h) lists every flag with its type, default and meaning: each GRPOConfig field, plus the
+run options (--model, --dataset, --eval_dataset, --reward_funcs, --instruction, --preset,
+--resume_from_checkpoint, --no_eval, --config). `grpo eval` takes the same flags; its --model defaults to the
+preset's model. Precedence: preset < YAML file (first argument or --config) < flags.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
+import functools
 import json
+import os
+import re
 import sys
 import time
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers import HfArgumentParser
 
 from .config import PRESET_RUNS, PRESETS, GRPOConfig
 
-RUN_KEYS = ("model", "dataset", "eval_dataset", "reward_funcs", "preset", "resume_from_checkpoint", "instruction")
-BOOL_RUN_KEYS = ("no_eval",)
 USAGE = __doc__
 
 
@@ -49,39 +57,154 @@ CLI_REWARDS = {"toy": letter_a_reward}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parsing
+# Parsing: transformers' HfArgumentParser over the dataclasses below (TRL's CLI is built the same way)
 # ----------------------------------------------------------------------------------------------------------------
-def _closest(name: str) -> str:
-    known = GRPOConfig.field_names() + list(RUN_KEYS) + list(BOOL_RUN_KEYS)
+@dataclass
+class RunOptions:
+    """What a run trains on (everything that is not a GRPOConfig field)."""
+
+    _argument_group_name = "run options"
+
+    model: str | None = field(default=None, metadata={
+        "help": "model name or path: smollm2-135m-instruct, tiny, a local folder or checkpoint, a cached Hub id"})
+    dataset: str | None = field(default=None, metadata={
+        "help": "training prompts: arithmetic[:N], a .jsonl/.json/.csv/.parquet file or folder, a cached Hub name"})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "held-out problems; None = the test split of --dataset"})
+    reward_funcs: list[str] | None = field(default=None, metadata={
+        "help": "reward functions, comma-separated: gsm8k, format, toy, or a reward-model path"})
+    instruction: str | None = field(default=None, metadata={"help": "text appended to each question"})
+    preset: str = field(default="default", metadata={"help": "starting values: " + " | ".join(PRESETS)})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "continue from a checkpoint folder, or 'latest' in --output_dir"})
+    no_eval: bool = field(default=False, metadata={"help": "skip the held-out evaluation before and after training"})
+    config: str | None = field(default=None, metadata={
+        "help": "YAML file of flag values (also accepted as the first positional argument)"})
+
+
+# One dataclass per group of flags; adding one (e.g. a LoRA ModelConfig) is one entry here.
+ARG_DATACLASSES = (GRPOConfig, RunOptions)
+
+_DESCRIPTIONS = {
+    "train": "GRPO-train a causal LM. Without arguments: the default run (SmolLM2-135M-Instruct on arithmetic "
+             "word problems).",
+    "eval": "Held-out accuracy of a model or checkpoint (a checkpoint's generation settings are reused).",
+}
+_EPILOG = ("Defaults shown are the preset's (--preset). Precedence: preset < YAML file < flags. Values: 'none' = "
+           "None, true/false, comma-separated lists, JSON for dicts; a bare boolean flag means true.")
+
+
+def _type_name(annotation) -> str:
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return " | ".join("None" if k is type(None) else getattr(k, "__name__", str(k)).replace("typing.", "")
+                      if typing.get_origin(k) is None else str(k) for k in kinds)
+
+
+def coerce(annotation, text: str):
+    """One command-line string as a value of ``annotation`` (X | None, bool, int, float, str, list[X], dict)."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    low = text.strip().lower()
+    if low in ("none", "null") and type(None) in kinds:
+        return None
+    for kind in kinds:
+        origin = typing.get_origin(kind) or kind
+        if origin is bool and low in ("true", "1", "yes", "false", "0", "no"):
+            return low in ("true", "1", "yes")
+        if origin in (int, float):
+            try:
+                return origin(text)
+            except ValueError:
+                continue
+        if origin in (list, dict) and text.strip()[:1] in "[{":
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON: {e}") from None
+    if str in kinds:
+        return text
+    for kind in kinds:
+        if typing.get_origin(kind) is list:  # a comma list of the element type
+            (item,) = typing.get_args(kind) or (str,)
+            try:
+                return [item(x.strip()) for x in text.split(",") if x.strip()]
+            except ValueError:
+                pass
+    raise argparse.ArgumentTypeError(f"cannot read {text!r} as {_type_name(annotation)}")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """One line per flag in --help: the underscore spelling only (the dashed alias works but is not listed)."""
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        return f"{action.option_strings[0]} {self._metavar_formatter(action, action.dest)(1)[0]}"
+
+
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser with one flag per dataclass field whose values may also be None, comma lists or JSON
+    (HfArgumentParser alone refuses `--max_grad_norm none`, `--reward_weights 1,0` and dict fields), errors that
+    name the flag and suggest the closest one, and no prefix matching (`--learn` is an error, not learning_rate)."""
+
+    def __init__(self, command: str, dataclass_types=ARG_DATACLASSES):
+        super().__init__(dataclass_types, prog=f"grpo {command}", usage=f"grpo {command} [CONFIG.yaml] [--flag value ...]",
+                         description=_DESCRIPTIONS.get(command), epilog=_EPILOG, allow_abbrev=False,
+                         formatter_class=_HelpFormatter)
+        self.command = command
+        self.add_argument("config", nargs="?", default=argparse.SUPPRESS, metavar="CONFIG.yaml",
+                          help="YAML file of flag values (the same as --config)")
+
+    def _add_dataclass_arguments(self, dtype):
+        group = self.add_argument_group(getattr(dtype, "_argument_group_name", dtype.__name__))
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            if not f.init:
+                continue
+            annotation = hints[f.name]
+            kinds = set(typing.get_args(annotation)) or {annotation}
+            parse = functools.partial(coerce, annotation)
+            parse.__name__ = _type_name(annotation)  # argparse names it in "invalid <type> value"
+            default = f.default if f.default is not dataclasses.MISSING else None
+            options = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+            extra = {"nargs": "?", "const": True} if bool in kinds else {}
+            group.add_argument(*options, dest=f.name, type=parse, default=default, metavar=_type_name(annotation),
+                               help=f.metadata.get("help", " "), **extra)
+
+    def error(self, message: str):
+        unknown = re.search(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            message = self._unknown(unknown.group(1).split())
+        raise SystemExit(f"{self.prog}: {message}\n(`{self.prog} --help` lists every flag)")
+
+    def _unknown(self, leftovers: list[str]) -> str:
+        flags = [t for t in leftovers if t.startswith("-")]
+        if not flags:
+            return f"expected at most one CONFIG.yaml, got extra arguments {leftovers}"
+        name = flags[0].lstrip("-").partition("=")[0].replace("-", "_")
+        return f"unknown flag {flags[0].partition('=')[0]}{_closest(name, self.dests())}"
+
+    def dests(self) -> list[str]:
+        return [a.dest for a in self._actions if a.option_strings and a.dest != "help"]
+
+    def given(self, argv: list[str]) -> set[str]:
+        """Destinations of the flags that argv sets explicitly."""
+        out = set()
+        for tok in argv:
+            action = self._option_string_actions.get(tok.partition("=")[0])
+            if action is not None:
+                out.add(action.dest)
+        return out
+
+
+def _closest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     return f" (did you mean --{close[0]}?)" if close else ""
 
 
-def parse_flags(argv: list[str]) -> tuple[list[str], dict[str, str | bool]]:
-    """Split argv into positionals and {flag: raw string} ({flag: True} for a bare flag)."""
-    positionals, flags, i = [], {}, 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok.startswith("--"):
-            key, eq, value = tok[2:].partition("=")
-            key = key.replace("-", "_")
-            if not key:
-                raise SystemExit(f"grpo: empty flag {tok!r}")
-            if key not in GRPOConfig.field_names() and key not in RUN_KEYS and key not in BOOL_RUN_KEYS:
-                raise SystemExit(f"grpo: unknown flag --{key}{_closest(key)}")
-            if not eq:
-                if i + 1 < len(argv) and not argv[i + 1].startswith("--") and key not in BOOL_RUN_KEYS:
-                    value, i = argv[i + 1], i + 1
-                else:
-                    value = True
-            flags[key] = value
-        else:
-            positionals.append(tok)
-        i += 1
-    return positionals, flags
-
-
-def _load_yaml(path: str) -> dict:
+def _load_yaml(path: str, known: list[str]) -> dict:
+    """A YAML mapping of flag values, as TRL's `--config` (an `env:` mapping sets environment variables)."""
     import yaml
 
     p = Path(path)
@@ -89,44 +212,50 @@ def _load_yaml(path: str) -> dict:
         raise SystemExit(f"grpo: config file {path} does not exist")
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
-        raise SystemExit(f"grpo: {path} must hold a mapping of GRPOConfig fields, got {type(data).__name__}")
+        raise SystemExit(f"grpo: {path} must hold a mapping of flag names to values, got {type(data).__name__}")
+    env = data.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise SystemExit(f"grpo: 'env' in {path} must be a mapping of environment variables")
     for key in data:
-        if key not in GRPOConfig.field_names() and key not in RUN_KEYS and key not in BOOL_RUN_KEYS:
-            raise SystemExit(f"grpo: unknown key {key!r} in {path}{_closest(str(key))}")
+        if key not in known or key == "config":
+            raise SystemExit(f"grpo: unknown key {key!r} in {path}{_closest(str(key), known)}")
+    os.environ.update({str(k): str(v) for k, v in env.items()})
     return data
 
 
-def build_run(argv: list[str]) -> tuple[GRPOConfig, dict]:
-    """(GRPOConfig, run options) from preset < YAML < flags."""
-    positionals, flags = parse_flags(argv)
-    if len(positionals) > 1:
-        raise SystemExit(f"grpo: expected at most one CONFIG.yaml, got {positionals}")
-    from_yaml = _load_yaml(positionals[0]) if positionals else {}
-    preset = flags.get("preset") or from_yaml.get("preset") or "default"
+def parse_args(argv: list[str], command: str = "train", extra_defaults: dict | None = None) -> tuple:
+    """One instance per ARG_DATACLASSES entry, from preset < extra_defaults < YAML < flags."""
+    parser = ArgumentParser(command)
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    # Pass 1 finds the preset and the YAML file, which set the defaults of pass 2 (and of --help).
+    first, leftovers = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    if leftovers:  # before reading a file: `--lerning_rate 1` must not take "1" for the CONFIG.yaml
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    from_yaml = _load_yaml(first.config, parser.dests()) if first.config else {}
+    preset = first.preset if "preset" in parser.given(argv) else from_yaml.get("preset", "default")
     if preset not in PRESETS:
         close = difflib.get_close_matches(str(preset), PRESETS, n=1)
         raise SystemExit(f"grpo: unknown preset {preset!r}; valid: {sorted(PRESETS)}"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
-    fields = dict(PRESETS[preset])
-    run = {"no_eval": False, **PRESET_RUNS.get(preset, {}), "preset": preset}
-    for source in (from_yaml, flags):
-        for key, value in source.items():
-            if key in RUN_KEYS or key in BOOL_RUN_KEYS:
-                run[key] = value
-            else:
-                try:
-                    fields[key] = GRPOConfig.coerce_value(key, value) if isinstance(value, str) else value
-                except (TypeError, ValueError) as e:
-                    raise SystemExit(f"grpo: --{key}: {e}") from None
-    if isinstance(run.get("no_eval"), str):
-        run["no_eval"] = run["no_eval"].lower() in ("1", "true", "yes")
-    if isinstance(run.get("reward_funcs"), str):
-        run["reward_funcs"] = [x.strip() for x in run["reward_funcs"].split(",") if x.strip()]
+    parser.set_defaults(**PRESETS[preset], **PRESET_RUNS.get(preset, {}))
+    parser.set_defaults(**{**(extra_defaults or {}), **from_yaml, "preset": preset})
+    if asks_help:
+        parser.print_help()
+        raise SystemExit(0)
     try:
-        config = GRPOConfig.from_dict(fields)
+        *instances, leftovers = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+                                                                   look_for_args_file=False)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"grpo: invalid configuration: {e}") from None
-    return config, run
+    if leftovers:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    return tuple(instances)
+
+
+def build_run(argv: list[str], command: str = "train", extra_defaults: dict | None = None) -> tuple[GRPOConfig, dict]:
+    """(GRPOConfig, run options as a dict) from preset < YAML < flags."""
+    config, run_options = parse_args(argv, command, extra_defaults)[:2]
+    return config, dataclasses.asdict(run_options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,17 +337,13 @@ def cmd_eval(argv: list[str]) -> dict:
     from . import distributed, model as model_lib, scoring
     from .evaluate import evaluate
 
-    _, flags = parse_flags(argv)
-    if not flags.get("model"):
-        raise SystemExit("grpo eval: --model PATH_OR_CHECKPOINT is required")
-    state_file = Path(str(flags["model"])) / "trainer_state.json"
-    base = json.loads(state_file.read_text())["config"] if state_file.is_file() else {}
-    config, run = build_run(argv)
-    if base:  # a checkpoint: its generation settings, unless flags override them
-        given = {k for k in flags if k in GRPOConfig.field_names()}
+    config, run = build_run(argv, "eval")
+    state_file = Path(str(run["model"])) / "trainer_state.json"
+    if state_file.is_file():  # a checkpoint: its generation settings, under the YAML file and the flags
+        base = json.loads(state_file.read_text())["config"]
         keep = {k: base[k] for k in ("max_completion_length", "max_prompt_length", "system_prompt", "reward_weights",
-                                     "eval_temperature", "eval_max_samples") if k in base and k not in given}
-        config = config.replace(**keep)
+                                     "eval_temperature", "eval_max_samples") if k in base}
+        config, run = build_run(argv, "eval", extra_defaults=keep)
     rows = eval_rows_for({**run, "eval_dataset": run.get("eval_dataset") or run.get("dataset") or "arithmetic"},
                          config)
     info = distributed.init_distributed()
