@@ -11,6 +11,12 @@ Gradient accumulation follows TRL 1.16's `_compute_loss` (its loss is already sc
   kernel the global count and multiply its loss by `world_size * steps_per_generation / gas`, which is the same
   number without a clamp of the scaled normalizer.
 After all-reducing (averaging) gradients across ranks, the accumulated gradient equals TRL's.
+
+Zero-signal micro-batches: when beta is 0 and every completion has advantage 0 (all rewards of its group equal)
+or no unmasked token, every per-token loss is exactly 0, so the gradient is exactly 0. Such a micro-batch skips
+the backward (its forward runs under no_grad, only for the logged entropy) and gets zero gradients, which is what
+the backward would have produced: AdamW, gradient clipping and the ranks' gradient all-reduce see the same
+tensors as before, and the RNG stream is unchanged (dropout draws in the forward only).
 """
 
 from __future__ import annotations
@@ -173,22 +179,37 @@ def loss_multiplier(args, world_size: int) -> float:
     return 1.0 / args.gradient_accumulation_steps
 
 
-def micro_step(model, loss_fn, mb, args, world_size: int) -> tuple[float, dict[str, tuple[float, float]]]:
+def has_signal(mb, args) -> bool:
+    """False when the micro-batch's loss is exactly 0 for every token (see the module docstring)."""
+    if args.beta != 0.0:
+        return True
+    live = (mb.advantages != 0) & (mb.completion_mask.sum(1) > 0)  # a NaN advantage counts as live
+    return bool(live.any())
+
+
+def micro_step(model, loss_fn, mb, args, world_size: int,
+               skip_zero_signal: bool = True) -> tuple[float, dict[str, tuple[float, float]]]:
     """Forward + backward on one micro-batch; returns (its scaled loss, {metric: (sum, count)}) for logging.
 
-    Metrics come back as sums and counts so that the caller can form TRL's global masked means across ranks."""
-    with autocast(model, args.bf16):
-        hidden = completion_hidden(model, mb)
-    weight, bias = _head_for(hidden, model)
-    num_items = None
-    if args.loss_type in GLOBAL_NORM_LOSSES:
-        num_items = torch.tensor(max(1.0, float(mb.num_items_in_batch)), device=hidden.device)
-    loss, metrics = loss_fn(
-        hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
-        ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
-    )
-    loss = loss * loss_multiplier(args, world_size)
-    loss.backward()
+    Metrics come back as sums and counts so that the caller can form TRL's global masked means across ranks.
+    `zero_signal_ratio` counts the micro-batches that skipped the backward (skip_zero_signal and no signal)."""
+    skip = skip_zero_signal and not has_signal(mb, args)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not skip):
+        with autocast(model, args.bf16):
+            hidden = completion_hidden(model, mb)
+        weight, bias = _head_for(hidden, model)
+        num_items = None
+        if args.loss_type in GLOBAL_NORM_LOSSES:
+            num_items = torch.tensor(max(1.0, float(mb.num_items_in_batch)), device=hidden.device)
+        loss, metrics = loss_fn(
+            hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
+            ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
+        )
+        loss = loss * loss_multiplier(args, world_size)
+    if skip:
+        _zero_missing_grads(model)
+    else:
+        loss.backward()
 
     tokens = float(mb.completion_mask.sum())
     # Sequence-level ratios are one per sequence: TRL averages their clip flags over sequences.
@@ -201,4 +222,14 @@ def micro_step(model, loss_fn, mb, args, world_size: int) -> tuple[float, dict[s
             sums[name] = (float(value) * clip_count, clip_count)
     elif args.loss_type == "cispo":
         sums["cispo_clip_ratio"] = (float(metrics.clip_ratio) * tokens, tokens)
+    sums["zero_signal_ratio"] = (float(skip), 1.0)
     return float(loss.detach()), sums
+
+
+def _zero_missing_grads(model) -> None:
+    """The gradients a backward of an all-zero loss would leave: zeros for trainable parameters that have none yet
+    (HF causal LMs use every trainable parameter in the forward; one that the forward never reaches would get None
+    from a backward, and a zero here)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
