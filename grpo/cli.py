@@ -31,6 +31,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .config import PRESET_RUNS, PRESETS, GRPOConfig
+from .logger import format_seconds
 
 USAGE = __doc__
 
@@ -78,6 +79,8 @@ class RunOptions:
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "continue from a checkpoint folder, or 'latest' in --output_dir"})
     no_eval: bool = field(default=False, metadata={"help": "skip the held-out evaluation before and after training"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads; None = the cores not busy with other processes (see the start-up line)"})
     config: str | None = field(default=None, metadata={
         "help": "YAML file of flag values (also accepted as the first positional argument)"})
 
@@ -122,15 +125,15 @@ def coerce(annotation, text: str):
                 return json.loads(text)
             except json.JSONDecodeError as e:
                 raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON: {e}") from None
-    if str in kinds:
-        return text
     for kind in kinds:
-        if typing.get_origin(kind) is list:  # a comma list of the element type
+        if typing.get_origin(kind) is list and ("," in text or str not in kinds):  # a comma list of the items
             (item,) = typing.get_args(kind) or (str,)
             try:
                 return [item(x.strip()) for x in text.split(",") if x.strip()]
             except ValueError:
                 pass
+    if str in kinds:
+        return text
     raise argparse.ArgumentTypeError(f"cannot read {text!r} as {_type_name(annotation)}")
 
 
@@ -223,9 +226,10 @@ def _load_yaml(path: str, known: list[str]) -> dict:
     return data
 
 
-def parse_args(argv: list[str], command: str = "train", extra_defaults: dict | None = None) -> tuple:
-    """One instance per ARG_DATACLASSES entry, from preset < extra_defaults < YAML < flags."""
-    parser = ArgumentParser(command)
+def parse_args(argv: list[str], command: str = "train", extra_defaults: dict | None = None,
+               dataclass_types=ARG_DATACLASSES) -> tuple:
+    """One instance per dataclass_types entry, from preset < extra_defaults < YAML < flags."""
+    parser = ArgumentParser(command, dataclass_types)
     asks_help = any(a in ("-h", "--help") for a in argv)
     # Pass 1 finds the preset and the YAML file, which set the defaults of pass 2 (and of --help).
     first, leftovers = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
@@ -299,6 +303,7 @@ def cmd_train(argv: list[str]) -> dict:
 
     start = time.perf_counter()
     config, run = build_run(argv)
+    threads = set_num_threads(run.get("num_threads"))
     train_rows = load_rows(run.get("dataset") or "arithmetic", "train", config, run.get("instruction"))
     eval_rows = None if run["no_eval"] else eval_rows_for(run, config)
     trainer = GRPOTrainer(run.get("model") or "smollm2-135m-instruct", reward_funcs_for(run), args=config,
@@ -307,30 +312,68 @@ def cmd_train(argv: list[str]) -> dict:
     if main:
         print(f"[grpo] preset={run['preset']} model={run.get('model')} dataset={run.get('dataset')} "
               f"rewards={trainer.reward_names} steps={trainer.max_steps} output_dir={config.output_dir} "
-              f"(setup {time.perf_counter() - start:.1f}s)", flush=True)
+              f"(setup {time.perf_counter() - start:.1f}s)\n[grpo] {threads}", flush=True)
 
-    results = {}
+    # A resumed run keeps what the earlier sessions measured: the "before" evaluation and their wall time.
+    results_file = Path(config.output_dir) / "eval_results.json"
+    earlier = {}
+    if run.get("resume_from_checkpoint") and results_file.is_file():
+        earlier = json.loads(results_file.read_text())
+    results = {k: earlier[k] for k in ("before",) if k in earlier}
     if eval_rows and not run.get("resume_from_checkpoint"):
         results["before"] = trainer.evaluate()
         if main:
             print(f"[grpo] before training: {_eval_line(results['before'])}", flush=True)
     trainer.train(resume_from_checkpoint=run.get("resume_from_checkpoint"))
-    if eval_rows:  # eval_steps may have just evaluated the final model
-        done = trainer.last_eval is not None and trainer.last_eval[0] == trainer.step
-        results["after"] = trainer.last_eval[1] if done else trainer.evaluate()
+    if eval_rows:
+        if trainer.last_eval is not None and trainer.last_eval[0] == trainer.step:  # eval_steps just did it
+            results["after"] = trainer.last_eval[1]  # and printed it
+        elif "after" in earlier and earlier.get("steps") == trainer.step:  # a finished run, resumed: no new step
+            results["after"] = earlier["after"]
+            if main:
+                print(f"[grpo] after training (step {trainer.step}, from {results_file}): "
+                      f"{_eval_line(results['after'])}", flush=True)
+        else:
+            results["after"] = trainer.evaluate()
+            if main:
+                print(f"[grpo] after training:  {_eval_line(results['after'])}", flush=True)
         trainer.plot_reward_curve()  # now with the final accuracy
-        if main:
-            print(f"[grpo] after training:  {_eval_line(results['after'])}", flush=True)
-    results["wall_seconds"] = time.perf_counter() - start
+    session = time.perf_counter() - start
+    results["steps"] = trainer.step
+    results["wall_seconds"] = earlier.get("wall_seconds", 0.0) + session  # all sessions of this run
     if main:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=1))
-        print(f"[grpo] done in {results['wall_seconds']:.0f}s; metrics in {config.output_dir}/metrics.jsonl, "
-              f"curve in {config.output_dir}/reward_curve.png", flush=True)
+        results_file.write_text(json.dumps(results, indent=1))
+        print(f"[grpo] done in {format_seconds(session)}; metrics in {config.output_dir}/metrics.jsonl, "
+              f"curve in {config.output_dir}/reward_curve.png, results in {results_file}", flush=True)
     from . import distributed
 
     distributed.destroy(trainer.dist)
     return results
+
+
+def set_num_threads(requested: int | None = None) -> str:
+    """Pick torch's CPU thread count and say why (printed at start).
+
+    torch starts one intra-op thread per core it may use. On a machine where other processes keep cores busy, its
+    threads wait for each other at every parallel region (measured on the 2-core machine at load average 9: a
+    512x512 fp32 matmul took 4x longer with 2 threads than with 1). Default: the cores this process may use, minus
+    the 1-minute load average from other processes (at least 1), split over the processes of a torchrun node.
+    OMP_NUM_THREADS, when set, or --num_threads wins."""
+    import torch
+
+    if requested:
+        torch.set_num_threads(requested)
+        return f"torch threads: {torch.get_num_threads()} (--num_threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    n = max(1, min(torch.get_num_threads(), round(cores - load) // per_node))
+    torch.set_num_threads(n)
+    return (f"torch threads: {n} ({cores} cores available, 1-minute load average {load:.1f}"
+            + (f", {per_node} processes on this node" if per_node > 1 else "") + "; --num_threads N to override)")
 
 
 def cmd_eval(argv: list[str]) -> dict:
@@ -347,6 +390,9 @@ def cmd_eval(argv: list[str]) -> dict:
     rows = eval_rows_for({**run, "eval_dataset": run.get("eval_dataset") or run.get("dataset") or "arithmetic"},
                          config)
     info = distributed.init_distributed()
+    threads = set_num_threads(run.get("num_threads"))
+    if info.is_main:  # stdout carries only the JSON result
+        print(f"[grpo] {threads}", file=sys.stderr, flush=True)
     model, tokenizer = model_lib.load_model(str(run["model"]), attn_implementation=config.attn_implementation)
     model.to(info.device)
     funcs = scoring.resolve_reward_funcs(reward_funcs_for(run), device=info.device)

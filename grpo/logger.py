@@ -236,8 +236,35 @@ class MetricsLogger:
             self.tb.close()
 
 
+def curve_series(history: list[dict], reward_names: list[str]) -> list[tuple[str, list, list, str]]:
+    """(label, steps, values, "line" | "points") for reward_curve.png: the train reward (and its trailing mean),
+    each reward function's mean unless it equals the total (a weight-0 function would duplicate it), and the
+    held-out accuracy as points, one per evaluated step (a line between evaluations far apart reads as a trend)."""
+    train = [r for r in history if r.get("reward") is not None]
+    out = []
+    if train:
+        steps = [r["step"] for r in train]
+        rewards = [r["reward"] for r in train]
+        out.append(("reward (train)", steps, rewards, "line"))
+        if len(train) >= 6:  # a trailing mean shows the trend through the per-batch noise
+            k = max(3, len(train) // 5)
+            smooth = [sum(rewards[max(0, i - k + 1) : i + 1]) / len(rewards[max(0, i - k + 1) : i + 1])
+                      for i in range(len(rewards))]
+            out.append((f"reward (train, mean of {k} steps)", steps, smooth, "line"))
+        if len(reward_names) > 1:
+            for name in reward_names:
+                values = [r.get(f"rewards/{name}/mean") for r in train]
+                same = all(v is not None and abs(v - t) <= 1e-9 for v, t in zip(values, rewards))
+                if not same and any(v is not None for v in values):
+                    out.append((f"rewards/{name}/mean", steps, values, "line"))
+    evals = {r["step"]: r["eval/accuracy"] for r in history if r.get("eval/accuracy") is not None}  # last per step
+    if evals:
+        out.append(("eval/accuracy (held out)", list(evals), list(evals.values()), "points"))
+    return out
+
+
 def plot_reward_curve(history: list[dict], path: str | os.PathLike, reward_names: list[str]) -> Path | None:
-    """reward (and each reward function's mean) against step; eval accuracy when present. None if no matplotlib."""
+    """Draw curve_series into `path`; None if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -246,27 +273,20 @@ def plot_reward_curve(history: list[dict], path: str | os.PathLike, reward_names
     except ImportError:
         warnings.warn("matplotlib is not installed: skipping reward_curve.png (pip install matplotlib)", stacklevel=2)
         return None
-    train = [r for r in history if r.get("reward") is not None]
-    evals = [r for r in history if r.get("eval/accuracy") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        steps = [r["step"] for r in train]
-        rewards = [r["reward"] for r in train]
-        ax.plot(steps, rewards, marker="o", lw=1, alpha=0.5, label="reward (train)")
-        if len(train) >= 6:  # a trailing mean shows the trend through the per-batch noise
-            k = max(3, len(train) // 5)
-            smooth = [sum(rewards[max(0, i - k + 1) : i + 1]) / len(rewards[max(0, i - k + 1) : i + 1])
-                      for i in range(len(rewards))]
-            ax.plot(steps, smooth, lw=2.5, color="C0", label=f"reward (train, mean of {k} steps)")
-        for name in reward_names:
-            key = f"rewards/{name}/mean"
-            if len(reward_names) > 1 and any(r.get(key) is not None for r in train):
-                ax.plot(steps, [r.get(key) for r in train], ls="--", lw=1, label=key)
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="s", color="k",
-                label="eval/accuracy (held out)")
+    for label, steps, values, kind in curve_series(history, reward_names):
+        if kind == "points":
+            ax.plot(steps, values, ls="none", marker="s", ms=7, color="k", label=label)
+            for step, value in zip(steps, values):
+                ax.annotate(f"{value:.1%}", (step, value), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        elif label.startswith("rewards/"):
+            ax.plot(steps, values, ls="--", lw=1, label=label)
+        elif "mean of" in label:
+            ax.plot(steps, values, lw=2.5, color="C0", label=label)
+        else:
+            ax.plot(steps, values, marker="o", lw=1, alpha=0.5, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("reward")
+    ax.set_ylabel("reward / accuracy")
     ax.set_title("GRPO reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
