@@ -207,4 +207,6 @@ def test_data_parallel_rank_with_zero_signal_still_all_reduces(tmp_path, gas):
     for a, b in zip(got, _params(single.model)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     (row,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert row["zero_signal_ratio"] == 0.5 and row["grad_norm"] > 0
+    # rank 0's micro-batches all skipped (at least half of all); a live group's micro-batch may hold only
+    # completions whose advantage is 0 and skip too
+    assert row["zero_signal_ratio"] >= 0.5 and row["grad_norm"] > 0
