@@ -439,6 +439,7 @@ PRESETS: dict[str, dict] = {
         "temperature": 0.7,
         "logging_steps": 1,
         "save_steps": 16,
+        "save_total_limit": 1,  # a checkpoint is 1.6 GB (model + AdamW moments): keep only the newest
         "lr_scheduler_type": "constant",
         "reward_weights": [1.0, 0.0],
         "eval_max_samples": 48,
