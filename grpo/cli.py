@@ -73,7 +73,7 @@ class RunOptions:
     eval_dataset: str | None = field(default=None, metadata={
         "help": "held-out problems; None = the test split of --dataset"})
     reward_funcs: list[str] | None = field(default=None, metadata={
-        "help": "reward functions, comma-separated: gsm8k, format, toy, or a reward-model path"})
+        "help": "reward functions, comma-separated: gsm8k, format, math, toy, or a reward-model path"})
     instruction: str | None = field(default=None, metadata={"help": "text appended to each question"})
     preset: str = field(default="default", metadata={"help": "starting values: " + " | ".join(PRESETS)})
     resume_from_checkpoint: str | None = field(default=None, metadata={
@@ -120,7 +120,7 @@ def coerce(annotation, text: str):
                 return origin(text)
             except ValueError:
                 continue
-        if origin in (list, dict) and text.strip()[:1] in "[{":
+        if origin in (list, dict) and text.strip()[:1] in ("[", "{"):
             try:
                 return json.loads(text)
             except json.JSONDecodeError as e:
@@ -152,8 +152,8 @@ class ArgumentParser(HfArgumentParser):
     name the flag and suggest the closest one, and no prefix matching (`--learn` is an error, not learning_rate)."""
 
     def __init__(self, command: str, dataclass_types=ARG_DATACLASSES):
-        super().__init__(dataclass_types, prog=f"grpo {command}", usage=f"grpo {command} [CONFIG.yaml] [--flag value ...]",
-                         description=_DESCRIPTIONS.get(command), epilog=_EPILOG, allow_abbrev=False,
+        super().__init__(dataclass_types, prog=f"grpo {command}",
+                         usage=f"grpo {command} [CONFIG.yaml] [--flag value ...]", description=_DESCRIPTIONS.get(command), epilog=_EPILOG, allow_abbrev=False,
                          formatter_class=_HelpFormatter)
         self.command = command
         self.add_argument("config", nargs="?", default=argparse.SUPPRESS, metavar="CONFIG.yaml",

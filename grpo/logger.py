@@ -1,10 +1,12 @@
 """Stage 5: metrics with TRL's names, and where they go.
 
 Values are accumulated between logging steps and averaged (NaN-filtered, as TRL's `log`) when a step is logged.
-Sinks (main rank only): progress for a person — in a terminal a live tqdm bar (steps, elapsed, ETA, the current
-phase, reward), otherwise (a log file, or disable_progress_bar) a line when a long phase starts and one line per
-logged step with units, elapsed time and ETA —, `<output_dir>/metrics.jsonl` (one object per logged step, with "step"), TensorBoard when report_to asks for it,
-`<output_dir>/completions.jsonl` when log_completions, and `<output_dir>/reward_curve.png` at the end.
+Sinks (main rank only):
+- progress for a person: in a terminal a live tqdm bar (steps, elapsed, ETA, current phase, reward); otherwise
+  (a log file, or disable_progress_bar) a line when a long phase starts and one line per logged step with units,
+  elapsed time and ETA;
+- `<output_dir>/metrics.jsonl` (one object per logged step, with "step"), TensorBoard when report_to asks for it,
+  `<output_dir>/completions.jsonl` when log_completions, and `<output_dir>/reward_curve.png` at the end.
 """
 
 from __future__ import annotations
