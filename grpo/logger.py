@@ -106,7 +106,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_description_str(f"grpo [{name}]", refresh=True)
+            self.bar.set_description_str(f"grpo [{name + ']':<11}", refresh=True)  # fixed width: the bar stays put
         elif name in LONG_PHASES:
             print(f"[grpo] step {step}/{self.total_steps}: {name}{' ' + detail if detail else ''} "
                   f"(elapsed {format_seconds(self.elapsed())})", flush=True)

@@ -51,13 +51,15 @@ def test_terminal_gets_a_live_bar_with_phase(tmp_path, monkeypatch):
     assert log.bar is not None and log._ticker is not None and log._ticker.is_alive()
     log.phase("generating", 1)
     assert log.bar.desc == "grpo [generating]"
+    log.phase("scoring", 1)
+    assert log.bar.desc == "grpo [scoring]   "  # padded: the bar does not jump between phases
     log.step_line({"step": 1, "reward": 0.5})  # the bar shows progress: no extra line
     log.progress(1, {"step": 1, "reward": 0.5})
     ticker = log._ticker
     log.close()
     assert not ticker.is_alive() and log.bar is None
     shown = err.getvalue()
-    assert "grpo [generating] 1/5 steps" in shown and "reward=0.500" in shown and "<" in shown  # elapsed<ETA
+    assert "grpo [scoring]    1/5 steps" in shown and "reward=0.500" in shown and "<" in shown  # elapsed<ETA
     assert "[step 1/5]" not in shown
 
 
