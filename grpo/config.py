@@ -42,7 +42,7 @@ import os
 import types
 import typing
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -76,80 +76,124 @@ _DERIVED = ("epsilon_high", "generation_batch_size", "steps_per_generation", "bf
 @dataclass
 class GRPOConfig:
     # --- output -------------------------------------------------------------------------------------------------
-    output_dir: str = "runs/grpo"
+    output_dir: str = field(
+        default="runs/grpo",
+        metadata={"help": "where metrics.jsonl, reward_curve.png, eval_results.json and checkpoints go"},
+    )
 
     # --- model and reference model --------------------------------------------------------------------------------
-    beta: float = 0.0  # KL coefficient; 0 = no reference model is loaded
-    model_init_kwargs: dict | None = None  # passed to from_pretrained (e.g. {"dtype": "bfloat16"})
-    disable_dropout: bool = False
-    attn_implementation: str | None = None  # e.g. "sdpa", "eager"; None = transformers' choice
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient; 0 = no reference model is loaded"})
+    model_init_kwargs: dict | None = field(
+        default=None, metadata={"help": 'passed to from_pretrained; JSON on the command line, e.g. {"dtype": "bfloat16"}'})
+    disable_dropout: bool = field(default=False, metadata={"help": "set every dropout probability to 0"})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "e.g. 'sdpa', 'eager'; None = transformers' choice"})
 
     # --- data ---------------------------------------------------------------------------------------------------
-    num_generations: int = 8  # completions sampled per prompt (the group size G)
-    max_prompt_length: int | None = 512  # prompts longer than this are left-truncated; None = no limit
-    max_completion_length: int | None = 256
-    shuffle_dataset: bool = True
-    system_prompt: str | None = None
+    num_generations: int = field(default=8, metadata={"help": "completions sampled per prompt (the group size G)"})
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "prompts longer than this are left-truncated; None = no limit"})
+    max_completion_length: int | None = field(default=256, metadata={"help": "most tokens generated per completion"})
+    shuffle_dataset: bool = field(default=True, metadata={"help": "shuffle the prompts each epoch"})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system message put before each conversational prompt"})
 
     # --- generation ---------------------------------------------------------------------------------------------
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled (TRL's default)
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    generation_batch_size: int | None = None  # completions per rollout (all ranks); derived when None
-    steps_per_generation: int | None = None  # optimizer micro-steps per rollout; derived when None
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "sampling temperature for training completions (also divides the logits in the loss)"},
+    )
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1.0 = off"})
+    top_k: int = field(
+        default=0, metadata={"help": "keep the k most likely tokens when sampling; 0 = off (TRL's default)"})
+    min_p: float | None = field(default=None, metadata={"help": "min-p sampling; None = off"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "generation repetition penalty; 1.0 = off"})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "completions per rollout (all ranks); derived when None"})
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "optimizer micro-steps per rollout; derived when None"})
 
     # --- loss ---------------------------------------------------------------------------------------------------
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # None = epsilon (DAPO recommends 0.28)
-    delta: float | None = None  # two-sided clipping bound (INTELLECT-2); should exceed 1 + epsilon_high
-    loss_type: str = "dapo"
-    importance_sampling_level: str = "token"
-    num_iterations: int = 1  # optimisation passes over each rollout (μ)
-    scale_rewards: str = "group"  # True -> "group", False -> "none", as TRL
-    reward_weights: list[float] | None = None  # length checked by the trainer against its reward functions
-    mask_truncated_completions: bool = False
-    top_entropy_quantile: float = 1.0  # < 1: only the highest-entropy fraction of tokens carries policy gradient
-    entropy_coef: float = dataclasses.field(default=0.0, metadata={"help": (
-        "Entropy bonus (TRL's static control): the loss subtracts entropy_coef × the mean entropy of the completion "
+    epsilon: float = field(default=0.2, metadata={"help": "lower clipping bound of the importance ratio (1 - epsilon)"})
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={"help": "upper clipping bound (1 + epsilon_high); None = epsilon (DAPO recommends 0.28)"},
+    )
+    delta: float | None = field(
+        default=None,
+        metadata={"help": "two-sided clipping bound (INTELLECT-2); should exceed 1 + epsilon_high; None = off"},
+    )
+    loss_type: str = field(
+        default="dapo", metadata={"help": "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo"})
+    importance_sampling_level: str = field(default="token", metadata={"help": "token | sequence (GSPO)"})
+    num_iterations: int = field(default=1, metadata={"help": "optimisation passes over each rollout (mu)"})
+    scale_rewards: str = field(
+        default="group", metadata={"help": "divide advantages by the reward std of: group | batch | none"})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "one weight per reward function, comma-separated; None = all 1"})
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "exclude completions that hit max_completion_length from the loss"})
+    top_entropy_quantile: float = field(
+        default=1.0, metadata={"help": (
+            "< 1: only this fraction of completion tokens, the highest-entropy ones, carries policy gradient "
+            "(costs one forward-only pass over the LM head)")})
+    entropy_coef: float = field(default=0.0, metadata={"help": (
+        "Entropy bonus (TRL's static control): the loss subtracts entropy_coef x the mean entropy of the completion "
         "tokens that carry policy gradient. 0 disables it; needs a differentiable entropy from grpo_kernels.")})
-    use_bias_correction_kl: bool = True  # KL term × importance ratio (TRL 1.16's default)
+    use_bias_correction_kl: bool = field(
+        default=True, metadata={"help": "multiply the KL term by the importance ratio (TRL 1.16's default)"})
 
     # --- optimisation -------------------------------------------------------------------------------------------
-    learning_rate: float = 1e-6
-    lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0  # None or 0 = no clipping
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    per_device_train_batch_size: int = 8  # counts completions, not prompts (as TRL)
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    num_train_epochs: float = 1.0
-    gradient_checkpointing: bool = False
-    bf16: bool | None = None  # None = auto: True on a CUDA device with bf16 support, else False
-    seed: int = 42
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "linear | cosine | constant | constant_with_warmup"})
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "fraction of the steps spent warming up the learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norm scales)"})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "clip the gradient norm to this; None or 0 = no clipping"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "completions (not prompts) per micro-batch and process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; > 0 overrides num_train_epochs"})
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "passes over the training prompts when max_steps is -1"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward pass to save memory"})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; None = auto: on for a CUDA device with bf16 support"})
+    seed: int = field(default=42, metadata={"help": "random seed (sampling, shuffling)"})
 
     # --- logging, saving, evaluation ----------------------------------------------------------------------------
-    logging_steps: int = 1
-    save_steps: int = 500
-    save_total_limit: int | None = None
-    eval_strategy: str = "no"  # "no" | "steps"
-    eval_steps: int | None = None  # None = logging_steps when eval_strategy="steps" (as transformers)
-    eval_max_samples: int | None = None
-    eval_temperature: float = 0.0  # 0 = greedy decoding for evaluation
-    log_completions: bool = False
-    num_completions_to_print: int | None = None
-    report_to: str | list[str] = "none"
-    disable_progress_bar: bool = False
+    logging_steps: int = field(default=1, metadata={"help": "log metrics every this many steps"})
+    save_steps: int = field(default=500, metadata={"help": "write a checkpoint every this many steps (and at the end)"})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "keep at most this many checkpoints; None = all"})
+    eval_strategy: str = field(default="no", metadata={"help": "no | steps (evaluate every eval_steps)"})
+    eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "evaluate every this many steps; None = logging_steps when eval_strategy=steps"},
+    )
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "evaluate on at most this many held-out problems; None = all"})
+    eval_temperature: float = field(default=0.0, metadata={"help": "sampling temperature for evaluation; 0 = greedy"})
+    log_completions: bool = field(
+        default=False, metadata={"help": "write completions.jsonl and print some completions"})
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "completions printed per logged step when log_completions; None = all"})
+    report_to: str | list[str] = field(
+        default="none", metadata={"help": "none | tensorboard (or a comma-separated list)"})
+    disable_progress_bar: bool = field(
+        default=False, metadata={"help": "no progress bar; one text line per step instead"})
 
     # --- grpo_kernels -------------------------------------------------------------------------------------------
-    kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
-    kernel_strategy: str = "auto"  # "auto" | "chunked" | "fused"
-    kernel_chunk_size: int | None = None
+    kernel_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
+    kernel_strategy: str = field(default="auto", metadata={"help": "auto | chunked | fused"})
+    kernel_chunk_size: int | None = field(
+        default=None, metadata={"help": "tokens per chunk of the chunked strategy; None = automatic"})
 
     # ----------------------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -447,6 +491,7 @@ PRESETS: dict[str, dict] = {
         "temperature": 0.7,
         "logging_steps": 1,
         "save_steps": 16,
+        "save_total_limit": 1,  # a checkpoint is 1.6 GB (model + AdamW moments): keep only the newest
         "lr_scheduler_type": "constant",
         "reward_weights": [1.0, 0.0],
         "eval_max_samples": 48,

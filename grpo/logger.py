@@ -1,9 +1,12 @@
 """Stage 5: metrics with TRL's names, and where they go.
 
 Values are accumulated between logging steps and averaged (NaN-filtered, as TRL's `log`) when a step is logged.
-Sinks (main rank only): a tqdm progress bar (step, reward, ETA; off for non-TTY or disable_progress_bar),
-`<output_dir>/metrics.jsonl` (one object per logged step, with "step"), TensorBoard when report_to asks for it,
-`<output_dir>/completions.jsonl` when log_completions, and `<output_dir>/reward_curve.png` at the end.
+Sinks (main rank only):
+- progress for a person: in a terminal a live tqdm bar (steps, elapsed, ETA, current phase, reward); otherwise
+  (a log file, or disable_progress_bar) a line when a long phase starts and one line per logged step with units,
+  elapsed time and ETA;
+- `<output_dir>/metrics.jsonl` (one object per logged step, with "step"), TensorBoard when report_to asks for it,
+  `<output_dir>/completions.jsonl` when log_completions, and `<output_dir>/reward_curve.png` at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import math
 import os
 import sys
+import threading
+import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +28,21 @@ def _clean(value):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+# Phases announced by a line in a log file (the bar shows every phase); scoring and saving are usually short.
+LONG_PHASES = ("generating", "updating", "evaluating")
+
+
+def format_seconds(seconds: float) -> str:
+    """12.3s, 4m05s, 1h02m."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 class MetricsLogger:
@@ -38,6 +58,13 @@ class MetricsLogger:
         self.completions: list[dict] = []
         self.bar = None
         self.tb = None
+        self.total_steps = total_steps
+        self.use_bar = enabled and not disable_progress_bar and sys.stderr.isatty()
+        self._phase: tuple[str, int] | None = None
+        self.t0 = time.perf_counter()  # reset by start()
+        self.start_step = 0
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -50,10 +77,64 @@ class MetricsLogger:
             except ImportError:
                 warnings.warn("report_to includes 'tensorboard' but tensorboard is not installed "
                               "(pip install tensorboard); metrics still go to metrics.jsonl", stacklevel=2)
-        if not disable_progress_bar and sys.stderr.isatty():
-            from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="grpo", unit="step")
+    # -- progress ------------------------------------------------------------------------------------------------
+    def start(self, step: int) -> None:
+        """The loop begins (or resumes) at `step`: elapsed time and ETA count from here."""
+        self.t0, self.start_step = time.perf_counter(), step
+        if not self.use_bar:
+            return
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total_steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True,
+                        bar_format="{desc} {n_fmt}/{total_fmt} steps |{bar}| [{elapsed}<{remaining}]{postfix}")
+        # tqdm redraws only when told: a ticker keeps elapsed time moving through minutes-long phases.
+        self._ticker = threading.Thread(target=self._tick, name="grpo-progress", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            bar = self.bar
+            if bar is not None:
+                bar.refresh()
+
+    def phase(self, name: str, step: int, detail: str = "") -> None:
+        """The loop enters a phase (generating / scoring / updating / evaluating / saving) of step `step`."""
+        if (name, step) == self._phase:
+            return
+        self._phase = (name, step)
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description_str(f"grpo [{name + ']':<11}", refresh=True)  # fixed width: the bar stays put
+        elif name in LONG_PHASES:
+            print(f"[grpo] step {step}/{self.total_steps}: {name}{' ' + detail if detail else ''} "
+                  f"(elapsed {format_seconds(self.elapsed())})", flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left at the mean pace of the steps done since start(); None before the first one."""
+        done = step - self.start_step
+        return self.elapsed() / done * (self.total_steps - step) if done > 0 else None
+
+    def step_line(self, row: dict) -> None:
+        """One line per logged step for a log file (the bar shows the same live)."""
+        if not self.enabled or self.bar is not None:
+            return
+        step = row["step"]
+        shown = [f"{k.split('/')[-1]}={row[k]:.4g}" for k in ("reward", "loss", "grad_norm", "entropy")
+                 if row.get(k) is not None]
+        if row.get("completions/mean_length") is not None:
+            shown.append(f"mean_length={row['completions/mean_length']:.1f} tokens")
+        if row.get("step_time") is not None:
+            shown.append(f"step_time={row['step_time']:.1f}s")
+        eta = self.eta(step)
+        shown.append(f"elapsed {format_seconds(self.elapsed())}")
+        if eta is not None:
+            shown.append(f"ETA {format_seconds(eta)}")
+        self.write(f"[step {step}/{self.total_steps}] " + " ".join(shown))
 
     # -- accumulation ------------------------------------------------------------------------------------------
     def add(self, name: str, value: float) -> None:
@@ -123,7 +204,7 @@ class MetricsLogger:
             return
         self.bar.n = step
         if row and row.get("reward") is not None:
-            self.bar.set_postfix(reward=f"{row['reward']:.3f}", refresh=False)
+            self.bar.set_postfix_str(f"reward={row['reward']:.3f}", refresh=False)
         self.bar.refresh()
 
     def write(self, text: str) -> None:
@@ -144,19 +225,48 @@ class MetricsLogger:
             with open(self.dir / "metrics.jsonl", "w") as f:
                 for r in self.history:
                     f.write(json.dumps(r) + "\n")
-            if self.bar is not None:
-                self.bar.n = start_step
-                self.bar.refresh()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.tb is not None:
             self.tb.close()
 
 
+def curve_series(history: list[dict], reward_names: list[str]) -> list[tuple[str, list, list, str]]:
+    """(label, steps, values, "line" | "points") for reward_curve.png: the train reward (and its trailing mean),
+    each reward function's mean unless it equals the total (a weight-0 function would duplicate it), and the
+    held-out accuracy as points, one per evaluated step (a line between evaluations far apart reads as a trend)."""
+    train = [r for r in history if r.get("reward") is not None]
+    out = []
+    if train:
+        steps = [r["step"] for r in train]
+        rewards = [r["reward"] for r in train]
+        out.append(("reward (train)", steps, rewards, "line"))
+        if len(train) >= 6:  # a trailing mean shows the trend through the per-batch noise
+            k = max(3, len(train) // 5)
+            smooth = [sum(rewards[max(0, i - k + 1) : i + 1]) / len(rewards[max(0, i - k + 1) : i + 1])
+                      for i in range(len(rewards))]
+            out.append((f"reward (train, mean of {k} steps)", steps, smooth, "line"))
+        if len(reward_names) > 1:
+            for name in reward_names:
+                values = [r.get(f"rewards/{name}/mean") for r in train]
+                same = all(v is not None and abs(v - t) <= 1e-9 for v, t in zip(values, rewards))
+                if not same and any(v is not None for v in values):
+                    out.append((f"rewards/{name}/mean", steps, values, "line"))
+    evals = {r["step"]: r["eval/accuracy"] for r in history if r.get("eval/accuracy") is not None}  # last per step
+    if evals:
+        out.append(("eval/accuracy (held out)", list(evals), list(evals.values()), "points"))
+    return out
+
+
 def plot_reward_curve(history: list[dict], path: str | os.PathLike, reward_names: list[str]) -> Path | None:
-    """reward (and each reward function's mean) against step; eval accuracy when present. None if no matplotlib."""
+    """Draw curve_series into `path`; None if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -165,27 +275,20 @@ def plot_reward_curve(history: list[dict], path: str | os.PathLike, reward_names
     except ImportError:
         warnings.warn("matplotlib is not installed: skipping reward_curve.png (pip install matplotlib)", stacklevel=2)
         return None
-    train = [r for r in history if r.get("reward") is not None]
-    evals = [r for r in history if r.get("eval/accuracy") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        steps = [r["step"] for r in train]
-        rewards = [r["reward"] for r in train]
-        ax.plot(steps, rewards, marker="o", lw=1, alpha=0.5, label="reward (train)")
-        if len(train) >= 6:  # a trailing mean shows the trend through the per-batch noise
-            k = max(3, len(train) // 5)
-            smooth = [sum(rewards[max(0, i - k + 1) : i + 1]) / len(rewards[max(0, i - k + 1) : i + 1])
-                      for i in range(len(rewards))]
-            ax.plot(steps, smooth, lw=2.5, color="C0", label=f"reward (train, mean of {k} steps)")
-        for name in reward_names:
-            key = f"rewards/{name}/mean"
-            if len(reward_names) > 1 and any(r.get(key) is not None for r in train):
-                ax.plot(steps, [r.get(key) for r in train], ls="--", lw=1, label=key)
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="s", color="k",
-                label="eval/accuracy (held out)")
+    for label, steps, values, kind in curve_series(history, reward_names):
+        if kind == "points":
+            ax.plot(steps, values, ls="none", marker="s", ms=7, color="k", label=label)
+            for step, value in zip(steps, values):
+                ax.annotate(f"{value:.1%}", (step, value), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        elif label.startswith("rewards/"):
+            ax.plot(steps, values, ls="--", lw=1, label=label)
+        elif "mean of" in label:
+            ax.plot(steps, values, lw=2.5, color="C0", label=label)
+        else:
+            ax.plot(steps, values, marker="o", lw=1, alpha=0.5, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("reward")
+    ax.set_ylabel("reward / accuracy")
     ax.set_title("GRPO reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

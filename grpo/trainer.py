@@ -122,6 +122,7 @@ class GRPOTrainer:
             self.logger.log_eval(step, metrics)
         self._early_evals = []
         self.model.train()
+        self.logger.start(self.step)
 
         while self.step < self.max_steps:
             step_start, tokens_before = time.perf_counter(), self.num_tokens
@@ -133,6 +134,9 @@ class GRPOTrainer:
                 if micro_index % generate_every == 0 or self.buffer is None:
                     # (1) Rollout: this rank's slice of the generation batch, sampled by the current policy.
                     t0 = time.perf_counter()
+                    self.logger.phase("generating", self.step + 1,
+                                      f"{args.generation_batch_size} completions of up to "
+                                      f"{args.max_completion_length} tokens")
                     order = [self.train_rows[i] for i in self.sampler.next_batch()]
                     rows = rollout.rank_slice(order, info.rank, info.world_size)
                     self.model.eval()
@@ -143,11 +147,13 @@ class GRPOTrainer:
 
                     # (2) Rewards of the whole generation batch (all ranks), advantages per group, our slice kept.
                     t0 = time.perf_counter()
+                    self.logger.phase("scoring", self.step + 1)
                     self._score(batch)
                     times["time/scoring"] += time.perf_counter() - t0
 
                     # (3) Log-probs that the update compares against: old policy, reference (KL) policy.
                     t0 = time.perf_counter()
+                    self.logger.phase("updating", self.step + 1)
                     if needs_old_logps:
                         batch.old_logps = update.per_token_logps(self.model, batch, args)
                     if self.ref_model is not None:
@@ -157,6 +163,7 @@ class GRPOTrainer:
 
                 # (4) Forward + backward of one micro-batch through the fused linear-GRPO loss.
                 t0 = time.perf_counter()
+                self.logger.phase("updating", self.step + 1)
                 loss, sums = update.micro_step(self.model, self.loss_fn, self.buffer[micro_index % spg], args,
                                                info.world_size)
                 step_loss += loss
@@ -189,15 +196,18 @@ class GRPOTrainer:
                     "grad_norm": float(grad_norm), "learning_rate": learning_rate, "num_tokens": self.num_tokens,
                     "epoch": self.sampler.epochs_done,
                 })
-                self._print_row(row)
+                self.logger.step_line(row)
             self.logger.progress(self.step, self.logger.history[-1] if self.logger.history else None)
 
             # (7) Evaluation every eval_steps.
             if self.eval_rows and args.eval_strategy == "steps" and self.step % args.eval_steps == 0:
                 self.evaluate()
+                self.logger.write(f"[eval step {self.step}] accuracy={self.last_eval[1]['eval/accuracy']:.3f} "
+                                  f"reward={self.last_eval[1]['eval/reward']:.3f}")
 
             # (6) Checkpoint every save_steps and at the end.
             if self.step % args.save_steps == 0 or self.step == self.max_steps:
+                self.logger.phase("saving", self.step)
                 self.save_checkpoint()
 
         self.plot_reward_curve()
@@ -248,6 +258,11 @@ class GRPOTrainer:
         rows = self._as_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_rows
         if not rows:
             raise ValueError("evaluate() needs an eval_dataset (pass one here or to GRPOTrainer)")
+        n = min(len(rows), self.args.eval_max_samples or len(rows))
+        if self.logger is not None:
+            self.logger.phase("evaluating", self.step, f"{n} held-out problems")
+        elif self.dist.is_main:  # before train(): no logger yet
+            print(f"[grpo] evaluating on {n} held-out problems", flush=True)
         with update.autocast(self.model, self.args.bf16):
             metrics = eval_lib.evaluate(self.model, self.tokenizer, rows, self.reward_funcs, self.args.reward_weights,
                                         self.args, self.dist, batch_size=max(self.args.generation_batch_size, 16),
@@ -255,8 +270,6 @@ class GRPOTrainer:
         self.last_eval = (self.step, metrics)
         if self.logger is not None:
             self.logger.log_eval(self.step, metrics)
-            self.logger.write(f"[eval step {self.step}] accuracy={metrics['eval/accuracy']:.3f} "
-                              f"reward={metrics['eval/reward']:.3f}")
         else:  # before train(): kept for metrics.jsonl and the reward curve (step 0 = the starting point)
             self._early_evals.append((self.step, metrics))
         return metrics
@@ -362,13 +375,6 @@ class GRPOTrainer:
                 path = self.logger.dir / name
                 if path.exists():
                     path.unlink()
-
-    def _print_row(self, row: dict) -> None:
-        if self.logger.bar is not None:
-            return
-        keys = ("reward", "loss", "grad_norm", "completions/mean_length", "step_time")
-        shown = " ".join(f"{k.split('/')[-1]}={row[k]:.4g}" for k in keys if row.get(k) is not None)
-        self.logger.write(f"[step {row['step']}/{self.max_steps}] {shown}")
 
 
 def _flash_attn_installed() -> bool:

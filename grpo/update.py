@@ -11,6 +11,12 @@ Gradient accumulation follows TRL 1.16's `_compute_loss` (its loss is already sc
   kernel the global count and multiply its loss by `world_size * steps_per_generation / gas`, which is the same
   number without a clamp of the scaled normalizer.
 After all-reducing (averaging) gradients across ranks, the accumulated gradient equals TRL's.
+
+Zero-signal micro-batches: when beta is 0 and every completion has advantage 0 (all rewards of its group equal)
+or no unmasked token, every per-token loss is exactly 0, so the gradient is exactly 0. Such a micro-batch skips
+the backward (its forward runs under no_grad, only for the logged entropy) and gets zero gradients, which is what
+the backward would have produced: AdamW, gradient clipping and the ranks' gradient all-reduce see the same
+tensors as before, and the RNG stream is unchanged (dropout draws in the forward only).
 """
 
 from __future__ import annotations
@@ -173,33 +179,48 @@ def loss_multiplier(args, world_size: int) -> float:
     return 1.0 / args.gradient_accumulation_steps
 
 
-def micro_step(model, loss_fn, mb, args, world_size: int) -> tuple[float, dict[str, tuple[float, float]]]:
+def has_signal(mb, args) -> bool:
+    """False when the micro-batch's loss is exactly 0 for every token (see the module docstring)."""
+    if args.beta != 0.0 or args.entropy_coef != 0.0:  # the KL term or the entropy bonus has a gradient
+        return True
+    live = (mb.advantages != 0) & (mb.completion_mask.sum(1) > 0)  # a NaN advantage counts as live
+    return bool(live.any())
+
+
+def micro_step(model, loss_fn, mb, args, world_size: int,
+               skip_zero_signal: bool = True) -> tuple[float, dict[str, tuple[float, float]]]:
     """Forward + backward on one micro-batch; returns (its scaled loss, {metric: (sum, count)}) for logging.
 
-    Metrics come back as sums and counts so that the caller can form TRL's global masked means across ranks."""
-    with autocast(model, args.bf16):
-        hidden = completion_hidden(model, mb)
-    weight, bias = _head_for(hidden, model)
-    num_items = None
-    if args.loss_type in GLOBAL_NORM_LOSSES:
-        num_items = torch.tensor(max(1.0, float(mb.num_items_in_batch)), device=hidden.device)
-    entropy = token_entropy(hidden, weight, bias, mb.completion_ids, args)
-    keep = None
-    if args.top_entropy_quantile < 1.0:
-        keep = high_entropy_mask(entropy.detach(), mb.completion_mask, args.top_entropy_quantile)
-    # The fused loss multiplies the policy term by its per-token ratio input before adding the KL term (ℓ ← ℓ·ρ +
-    # β·k), which is exactly where TRL multiplies the entropy mask; its normalizer and metrics still count every
-    # completion token, as TRL's do.
-    loss, metrics = loss_fn(
-        hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
-        ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
-        vllm_is_ratio=None if keep is None else keep.to(torch.float32),
-    )
-    loss = loss * loss_multiplier(args, world_size)
-    policy_loss = float(loss.detach())
-    if args.entropy_coef != 0.0:
-        loss = loss - args.entropy_coef * entropy_bonus(entropy, mb.completion_mask, keep, args)
-    loss.backward()
+    Metrics come back as sums and counts so that the caller can form TRL's global masked means across ranks.
+    `zero_signal_ratio` counts the micro-batches that skipped the backward (skip_zero_signal and no signal)."""
+    skip = skip_zero_signal and not has_signal(mb, args)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not skip):
+        with autocast(model, args.bf16):
+            hidden = completion_hidden(model, mb)
+        weight, bias = _head_for(hidden, model)
+        num_items = None
+        if args.loss_type in GLOBAL_NORM_LOSSES:
+            num_items = torch.tensor(max(1.0, float(mb.num_items_in_batch)), device=hidden.device)
+        entropy = token_entropy(hidden, weight, bias, mb.completion_ids, args)
+        keep = None
+        if args.top_entropy_quantile < 1.0:
+            keep = high_entropy_mask(entropy.detach(), mb.completion_mask, args.top_entropy_quantile)
+        # The fused loss multiplies the policy term by its per-token ratio input before adding the KL term
+        # (ℓ ← ℓ·ρ + β·k), which is exactly where TRL multiplies the entropy mask; its normalizer and metrics still
+        # count every completion token, as TRL's do.
+        loss, metrics = loss_fn(
+            hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
+            ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
+            vllm_is_ratio=None if keep is None else keep.to(torch.float32),
+        )
+        loss = loss * loss_multiplier(args, world_size)
+        policy_loss = float(loss.detach())
+        if args.entropy_coef != 0.0:
+            loss = loss - args.entropy_coef * entropy_bonus(entropy, mb.completion_mask, keep, args)
+    if skip:
+        _zero_missing_grads(model)
+    else:
+        loss.backward()
 
     tokens = float(mb.completion_mask.sum())
     # Sequence-level ratios are one per sequence: TRL averages their clip flags over sequences.
@@ -219,7 +240,17 @@ def micro_step(model, loss_fn, mb, args, world_size: int) -> tuple[float, dict[s
             policy_loss *= args.gradient_accumulation_steps
         sums["policy_loss"] = (policy_loss, 1.0)
         sums["entropy_coef"] = (args.entropy_coef, 1.0)
+    sums["zero_signal_ratio"] = (float(skip), 1.0)
     return float(loss.detach()), sums
+
+
+def _zero_missing_grads(model) -> None:
+    """The gradients a backward of an all-zero loss would leave: zeros for trainable parameters that have none yet
+    (HF causal LMs use every trainable parameter in the forward; one that the forward never reaches would get None
+    from a backward, and a zero here)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 # ----------------------------------------------------------------------------------------------------------------

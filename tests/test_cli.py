@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from grpo import cli
-from grpo.config import PRESETS
+from grpo.config import PRESETS, GRPOConfig
 
 
 def test_flags_are_parsed_by_field_type():
@@ -96,3 +97,112 @@ def test_eval_command_on_a_checkpoint(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["eval/num_samples"] == 5 and 0.0 <= printed["eval/accuracy"] <= 1.0
     assert "eval/rewards/letter_a_reward/mean" in printed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --help, YAML, run options (HfArgumentParser)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_field_with_type_default_and_help(command, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, flag])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    for name in GRPOConfig.field_names() + [f.name for f in dataclasses.fields(cli.RunOptions)]:
+        assert f"--{name} " in text, name
+    assert "--learning_rate float AdamW learning rate (default: 2e-05)" in text  # the default preset's value
+    assert "--max_grad_norm float | None clip the gradient norm" in text
+    assert "--reward_funcs list[str] | None" in text
+
+
+def test_help_shows_the_chosen_presets_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--preset", "smoke", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {PRESETS['smoke']['max_steps']})" in text and "--model str | None" in text
+    assert "(default: tiny)" in text
+
+
+def test_every_field_has_help_text():
+    for f in dataclasses.fields(GRPOConfig) + dataclasses.fields(cli.RunOptions):
+        assert f.metadata.get("help", "").strip(), f.name
+
+
+def test_yaml_as_in_trl_with_config_flag_and_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRPO_TEST_VAR", raising=False)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("preset: smoke\nlearning_rate: 1e-5\nmax_grad_norm: none\nenv:\n  GRPO_TEST_VAR: 7\n")
+    config, run = cli.build_run(["--config", str(cfg), "--seed", "3"])
+    assert run["preset"] == "smoke" and run["config"] == str(cfg)
+    assert config.learning_rate == 1e-5 and isinstance(config.learning_rate, float)  # YAML reads 1e-5 as a string
+    assert config.max_grad_norm is None and config.seed == 3
+    import os
+
+    assert os.environ["GRPO_TEST_VAR"] == "7"
+
+
+def test_values_none_json_and_bare_booleans():
+    config, run = cli.build_run(["--model_init_kwargs", '{"dtype": "float32"}', "--max_prompt_length", "none",
+                                 "--no_eval", "--shuffle_dataset=false", "--report_to", "tensorboard,none",
+                                 "--num_threads", "1"])
+    assert config.model_init_kwargs == {"dtype": "float32"} and config.max_prompt_length is None
+    assert run["no_eval"] is True and config.shuffle_dataset is False and run["num_threads"] == 1
+    assert config.report_to == ["tensorboard", "none"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learn", "1"], r"unknown flag --learn \(did you mean --learning_rate\?\)"),  # no prefix matching
+    (["--lerning_rate", "1"], "did you mean --learning_rate"),  # the "1" is not taken for a CONFIG.yaml
+    (["--bf16", "maybe"], "--bf16: cannot read 'maybe' as bool | None"),
+    (["--model_init_kwargs", "{oops"], "not valid JSON"),
+    (["--preset", "smoke", "--max_steps", "0"], "invalid configuration: max_steps"),
+])
+def test_bad_values_name_the_flag(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.build_run(argv)
+
+
+def test_parser_takes_another_dataclass_in_one_entry():
+    @dataclasses.dataclass
+    class ModelConfig:
+        use_peft: bool = dataclasses.field(default=False, metadata={"help": "train LoRA adapters"})
+        lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank"})
+
+    config, run_options, model_config = cli.parse_args(["--use_peft", "--lora_r", "8", "--seed", "5"],
+                                                       dataclass_types=(*cli.ARG_DATACLASSES, ModelConfig))
+    assert model_config == ModelConfig(use_peft=True, lora_r=8) and config.seed == 5
+
+
+def test_thread_count_follows_free_cores(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        torch.set_num_threads(4)
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+        assert "torch threads: 3 (4 cores available, 1-minute load average 1.2" in cli.set_num_threads()
+        assert torch.get_num_threads() == 3
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert cli.set_num_threads().startswith("torch threads: 1 ")
+        assert cli.set_num_threads(2).startswith("torch threads: 2 (--num_threads)")
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert "(OMP_NUM_THREADS=2)" in cli.set_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_resuming_a_finished_run_keeps_its_results(tmp_path, capsys):
+    torch.set_num_threads(1)
+    common = ["--preset", "smoke", "--max_steps", "1", "--eval_max_samples", "2", "--output_dir", str(tmp_path)]
+    first = cli.cmd_train(common)
+    saved = json.loads((tmp_path / "eval_results.json").read_text())
+    again = cli.cmd_train(common + ["--resume_from_checkpoint", "latest"])
+    kept = json.loads((tmp_path / "eval_results.json").read_text())
+    assert kept["before"] == saved["before"] == first["before"]
+    assert kept["after"] == saved["after"] and kept["steps"] == saved["steps"] == 1
+    assert kept["wall_seconds"] > saved["wall_seconds"]  # both sessions
+    assert again["before"] == first["before"]
+    out = capsys.readouterr().out
+    assert out.count("after training") == 2 and "torch threads:" in out
