@@ -103,6 +103,22 @@ def test_stand_in_agrees_with_trls_own_function(patched):
         assert rel_err(ours, theirs) < FP32_TOL
 
 
+def test_trl_1_14_stand_in_matches_float64():
+    """TRL 1.14's form: 8 arguments, (log-probs, entropy) out (its layout is run for real in the slow test below)."""
+    hidden, weight, b, targets = _problem(N=21, V=43, seed=11)
+    h, w, bb = _leaves(hidden, weight, b)
+    gkt.reset_call_counts()
+    out = gkt.ChunkedLogProbFunctionV114.apply(h, w, bb, targets, 0.8, 4096, None, 1.5)
+    assert len(out) == 2 and gkt.call_counts() == {"ours": 1, "trl": 0}
+    hr, wr, br = _leaves(hidden, weight, b, dtype=torch.float64)
+    ref_logp, ref_entropy = _reference(hr, wr, br, targets, 0.8, 1.5)
+    assert rel_err(out[0], ref_logp) < FP32_TOL and rel_err(out[1], ref_entropy) < FP32_TOL
+    out[0].sum().backward()
+    ref_logp.sum().backward()
+    for got, ref in ((h, hr), (w, wr), (bb, br)):
+        assert rel_err(got.grad, ref.grad) < FP32_TOL
+
+
 def test_outputs_without_entropy_return_none(patched):
     hidden, weight, b, targets = _problem()
     out = gkt.ChunkedLogProbFunction.apply(hidden, weight, b, targets, 1.0, 32768, None, 1.0, ("log_probs",))
@@ -124,7 +140,7 @@ def test_autocast_computes_in_the_autocast_dtype_with_fp32_outputs(patched):
 
 
 @pytest.mark.parametrize("case", ["softcapping", "extra_outputs", "negative_target", "target_past_vocab",
-                                  "logit_scale_0", "empty"])
+                                  "logit_scale_0", "empty", "zero3_weight"])
 def test_hands_back_to_trl_for_what_it_does_not_compute(patched, case):
     hidden, weight, b, targets = _problem(N=17, V=31, seed=7)
     args = dict(sc=None, scale=1.0, outputs=LP_ENT)
@@ -138,6 +154,9 @@ def test_hands_back_to_trl_for_what_it_does_not_compute(patched, case):
         targets[5] = weight.shape[0]
     elif case == "logit_scale_0":
         args["scale"] = 0.0
+    elif case == "zero3_weight":
+        weight = weight.clone()
+        weight.ds_id = 0  # DeepSpeed ZeRO-3 marks its partitioned parameters so
     else:
         hidden, targets = hidden[:0], targets[:0]
     original = gkt._originals[gkt.ChunkedLogProbFunction]
@@ -277,11 +296,12 @@ def test_grpo_trainer_entropy_bonus_patched_matches_unpatched():
     _assert_same_steps(got, expected, ("loss", "grad_norm", "entropy", "kl"))
 
 
-# ------------------------------------------------------------------------------------ an older TRL (1.13)
+# ------------------------------------------------------------------------------------ older TRLs (1.13, 1.14)
 
 _OLD_TRL_RUN = textwrap.dedent('''
-    """TRL 1.13 GRPOTrainer with use_liger_kernel=True, 3 steps; argv[1]: 'ours' (patched) or 'trl' (TRL's own
-    copy of Liger's loss, compiled=False to spare a torch.compile on the CPU). Prints one JSON line."""
+    """An older TRL's GRPOTrainer, 3 steps. argv[1]: 'ours' (patched) or 'trl' (unpatched); argv[2]: 'liger'
+    (use_liger_kernel=True: TRL 1.13's own copy of Liger's loss, compiled=False to spare a torch.compile on the
+    CPU, when unpatched) or 'plain'. Prints one JSON line."""
     import functools, json, sys, tempfile
     import torch, datasets, trl
     import trl.trainer.grpo_trainer as grpo_trainer
@@ -292,51 +312,76 @@ _OLD_TRL_RUN = textwrap.dedent('''
         return [float(c.count("a")) + 0.1 * len(c) for c in completions]
     tok = build_tiny_tokenizer(); tok.padding_side = "left"
     model = build_tiny_model(tok, seed=0, hidden_size=32)
-    off = {k: False for k in ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy")}
+    extra = {}
+    if sys.argv[2] == "liger":
+        off = {k: False for k in ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy")}
+        extra = dict(use_liger_kernel=True, liger_kernel_config=off)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d + "/m"); tok.save_pretrained(d + "/m")
         args = trl.GRPOConfig(output_dir=d, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
                               max_steps=3, num_iterations=3, beta=0.04, loss_type="dapo", optim="sgd",
                               learning_rate=0.5, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
-                              save_strategy="no", seed=0, disable_tqdm=True, use_liger_kernel=True,
-                              liger_kernel_config=off)
+                              save_strategy="no", seed=0, disable_tqdm=True, **extra)
+        names = []
         if sys.argv[1] == "ours":
             names = gkt.patch()
-        else:
-            names = []
+        elif sys.argv[2] == "liger":
             grpo_trainer.FusedLinearGRPOLoss = functools.partial(grpo_trainer.FusedLinearGRPOLoss, compiled=False)
         tr = trl.GRPOTrainer(model=d + "/m", reward_funcs=[reward], args=args, processing_class=tok,
                              train_dataset=datasets.Dataset.from_dict({"prompt": ["abc", "hello", "xyz a", "aaa"] * 2}))
         tr.train()
+    gkt.unpatch()
     print(json.dumps({"version": trl.__version__, "patched": names, "counts": gkt.call_counts(),
-                      "loss_class": type(tr.liger_loss).__name__,
-                      "steps": [{k: h[k] for k in ("loss", "grad_norm", "kl", "clip_ratio")}
+                      "restored": "_ChunkedLogProbFunction" not in vars(grpo_trainer)
+                                  or grpo_trainer._ChunkedLogProbFunction.__module__.startswith("trl."),
+                      "loss_class": type(getattr(tr, "liger_loss", None)).__name__,
+                      "steps": [{k: h.get(k) for k in ("loss", "grad_norm", "kl", "clip_ratio", "entropy",
+                                                       "clip_ratio/region_mean")}
                                 for h in tr.state.log_history if "loss" in h]}))
 ''')
 
 
-@pytest.mark.slow
-def test_trl_1_13_fused_grpo_loss_patched_matches_trls_own(tmp_path):
-    """TRL 1.13 (the last with a Liger-style fused GRPO loss under use_liger_kernel) in a --target install: patched
-    runs our loss class and gives TRL's own loss, grad norm, KL and clip ratio step by step."""
-    pytest.importorskip("liger_kernel")  # TRL 1.13 and transformers refuse use_liger_kernel=True without it
-    target = tmp_path / "trl113"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                          "trl==1.13.0"], capture_output=True, text=True, timeout=300)
-    if pip.returncode != 0:
-        pytest.skip(f"could not install trl==1.13.0 (no package index?): {pip.stderr.strip()[-300:]}")
+def _run_old_trl(tmp_path, version, mode, liger):
+    target = tmp_path / f"trl-{version}"
+    if not target.exists():
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                              f"trl=={version}"], capture_output=True, text=True, timeout=300)
+        if pip.returncode != 0:
+            pytest.skip(f"could not install trl=={version} (no package index?): {pip.stderr.strip()[-300:]}")
     script = tmp_path / "run.py"
     script.write_text(_OLD_TRL_RUN)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
-    runs = {}
-    for mode in ("trl", "ours"):
-        proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env,
-                              timeout=600, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert runs["ours"]["version"] == "1.13.0"
-    assert "trl.trainer.grpo_trainer.FusedLinearGRPOLoss" in runs["ours"]["patched"]
-    assert runs["ours"]["loss_class"] == "LigerGRPOLoss" and runs["ours"]["counts"]["ours"] == 3
-    assert runs["trl"]["loss_class"] == "FusedLinearGRPOLoss"
-    assert runs["trl"]["steps"][1]["kl"] > 0 and runs["trl"]["steps"][1]["clip_ratio"] > 0
-    _assert_same_steps(runs["ours"]["steps"], runs["trl"]["steps"], ("loss", "grad_norm", "kl", "clip_ratio"))
+    proc = subprocess.run([sys.executable, str(script), mode, liger], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["version"] == version
+    return out
+
+
+@pytest.mark.slow
+def test_trl_1_13_fused_grpo_loss_patched_matches_trls_own(tmp_path):
+    """TRL 1.13 (the last with a Liger-style fused GRPO loss under use_liger_kernel) in a --target install: patched,
+    it runs our loss class and gives TRL's own loss, grad norm, KL and clip ratio step by step."""
+    pytest.importorskip("liger_kernel")  # TRL 1.13 and transformers refuse use_liger_kernel=True without it
+    theirs = _run_old_trl(tmp_path, "1.13.0", "trl", "liger")
+    ours = _run_old_trl(tmp_path, "1.13.0", "ours", "liger")
+    assert "trl.trainer.grpo_trainer.FusedLinearGRPOLoss" in ours["patched"]
+    assert ours["loss_class"] == "LigerGRPOLoss" and ours["counts"]["ours"] == 3
+    assert theirs["loss_class"] == "FusedLinearGRPOLoss"
+    assert theirs["steps"][1]["kl"] > 0 and theirs["steps"][1]["clip_ratio"] > 0
+    _assert_same_steps(ours["steps"], theirs["steps"], ("loss", "grad_norm", "kl", "clip_ratio"))
+
+
+@pytest.mark.slow
+def test_trl_1_14_chunked_logprob_patched_matches_trls_own(tmp_path):
+    """TRL 1.14 (`_ChunkedLogProbFunction` in trl.trainer.utils, 8 arguments, imported by the trainers) in a
+    --target install: every trainer binding is replaced, the GRPO run matches TRL's, unpatch() restores."""
+    theirs = _run_old_trl(tmp_path, "1.14.0", "trl", "plain")
+    ours = _run_old_trl(tmp_path, "1.14.0", "ours", "plain")
+    assert {"trl.trainer.utils._ChunkedLogProbFunction", "trl.trainer.grpo_trainer._ChunkedLogProbFunction",
+            "trl.trainer.dpo_trainer._ChunkedLogProbFunction"} <= set(ours["patched"])
+    assert ours["counts"] == {"ours": 5, "trl": 0} and ours["restored"]
+    assert theirs["steps"][1]["kl"] > 0 and theirs["steps"][1]["clip_ratio/region_mean"] > 0
+    _assert_same_steps(ours["steps"], theirs["steps"], ("loss", "grad_norm", "kl", "entropy",
+                                                        "clip_ratio/region_mean"))
