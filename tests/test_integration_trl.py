@@ -300,8 +300,8 @@ def test_grpo_trainer_entropy_bonus_patched_matches_unpatched():
 
 _OLD_TRL_RUN = textwrap.dedent('''
     """An older TRL's GRPOTrainer, 3 steps. argv[1]: 'ours' (patched) or 'trl' (unpatched); argv[2]: 'liger'
-    (use_liger_kernel=True: TRL 1.13's own copy of Liger's loss, compiled=False to spare a torch.compile on the
-    CPU, when unpatched) or 'plain'. Prints one JSON line."""
+    (use_liger_kernel=True, which TRL 1.13 and 1.14 need to take their fused path; 1.13's own copy of Liger's loss
+    gets compiled=False to spare a torch.compile on the CPU) or 'plain'. Prints one JSON line."""
     import functools, json, sys, tempfile
     import torch, datasets, trl
     import trl.trainer.grpo_trainer as grpo_trainer
@@ -325,7 +325,7 @@ _OLD_TRL_RUN = textwrap.dedent('''
         names = []
         if sys.argv[1] == "ours":
             names = gkt.patch()
-        elif sys.argv[2] == "liger":
+        elif sys.argv[2] == "liger" and hasattr(grpo_trainer, "FusedLinearGRPOLoss"):
             grpo_trainer.FusedLinearGRPOLoss = functools.partial(grpo_trainer.FusedLinearGRPOLoss, compiled=False)
         tr = trl.GRPOTrainer(model=d + "/m", reward_funcs=[reward], args=args, processing_class=tok,
                              train_dataset=datasets.Dataset.from_dict({"prompt": ["abc", "hello", "xyz a", "aaa"] * 2}))
@@ -376,9 +376,11 @@ def test_trl_1_13_fused_grpo_loss_patched_matches_trls_own(tmp_path):
 @pytest.mark.slow
 def test_trl_1_14_chunked_logprob_patched_matches_trls_own(tmp_path):
     """TRL 1.14 (`_ChunkedLogProbFunction` in trl.trainer.utils, 8 arguments, imported by the trainers) in a
-    --target install: every trainer binding is replaced, the GRPO run matches TRL's, unpatch() restores."""
-    theirs = _run_old_trl(tmp_path, "1.14.0", "trl", "plain")
-    ours = _run_old_trl(tmp_path, "1.14.0", "ours", "plain")
+    --target install: every trainer binding is replaced, the GRPO run matches TRL's, unpatch() restores.
+    TRL 1.14's GRPO takes that path only with use_liger_kernel=True, which needs liger-kernel installed."""
+    pytest.importorskip("liger_kernel")
+    theirs = _run_old_trl(tmp_path, "1.14.0", "trl", "liger")
+    ours = _run_old_trl(tmp_path, "1.14.0", "ours", "liger")
     assert {"trl.trainer.utils._ChunkedLogProbFunction", "trl.trainer.grpo_trainer._ChunkedLogProbFunction",
             "trl.trainer.dpo_trainer._ChunkedLogProbFunction"} <= set(ours["patched"])
     assert ours["counts"] == {"ours": 5, "trl": 0} and ours["restored"]

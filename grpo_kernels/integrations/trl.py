@@ -8,7 +8,8 @@ What is replaced is found by what the installed TRL has, not by its version stri
   and KTO put on the model (`add_fused_lm_head`). Ours computes log-probs and entropy, both differentiable:
   GRPO's and RLOO's calls; SFT, DPO and KTO also ask for is_top1/mean_logits, so their policy calls stay on
   TRL's function (DPO's and KTO's reference-model calls are ours).
-- `_ChunkedLogProbFunction` without it (TRL 1.14): the same, returning (log-probs, entropy).
+- `_ChunkedLogProbFunction` without it (TRL 1.14): the same, returning (log-probs, entropy); TRL 1.14's GRPO,
+  DPO and KTO take that path only under `use_liger_kernel=True`, so liger-kernel must be installed.
 - `FusedLinearGRPOLoss` in `trl.trainer.grpo_trainer` (TRL 1.13) or `LigerFusedLinearGRPOLoss` there (TRL
   0.17-1.12): the GRPO loss used with `use_liger_kernel=True` (`use_liger_loss=True` before 0.25). TRL and
   transformers refuse that flag unless liger-kernel is installed, so those versions need liger-kernel even
