@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 _MISSING = object()
+
+
+def _attributes_under(prefix: str) -> Iterator[tuple[ModuleType, str, Any]]:
+    """(module, name, value) for every attribute of the loaded modules named `prefix` or `prefix.*`."""
+    for mod_name, module in list(sys.modules.items()):
+        if module is None or not (mod_name == prefix or mod_name.startswith(prefix + ".")):
+            continue
+        try:  # vars() does not trigger lazy-module imports the way getattr would
+            items = list(vars(module).items())
+        except TypeError:
+            continue
+        for name, value in items:
+            yield module, name, value
 
 
 class Bindings:
@@ -23,17 +36,10 @@ class Bindings:
         """Rebind every attribute that is `old` in the loaded modules under `prefix`: trainers that did
         `from .utils import X` hold their own binding of X. Returns the 'module.name' strings replaced."""
         done = []
-        for mod_name, module in list(sys.modules.items()):
-            if module is None or not (mod_name == prefix or mod_name.startswith(prefix + ".")):
-                continue
-            try:  # vars() does not trigger lazy-module imports the way getattr would
-                items = list(vars(module).items())
-            except TypeError:
-                continue
-            for name, value in items:
-                if value is old:
-                    self.replace(module, name, new)
-                    done.append(f"{mod_name}.{name}")
+        for module, name, value in _attributes_under(prefix):
+            if value is old:
+                self.replace(module, name, new)
+                done.append(f"{module.__name__}.{name}")
         return done
 
     def restore(self, prefix: str = "", leftovers: dict | None = None) -> None:
@@ -45,17 +51,10 @@ class Bindings:
             else:
                 setattr(module, name, value)
         self._saved.clear()
-        for mod_name, module in list(sys.modules.items()) if leftovers else ():
-            if module is None or not (mod_name == prefix or mod_name.startswith(prefix + ".")):
-                continue
-            try:
-                items = list(vars(module).items())
-            except TypeError:
-                continue
-            for name, value in items:
-                for ours, original in leftovers.items():
-                    if value is ours:
-                        setattr(module, name, original)
+        for module, name, value in _attributes_under(prefix) if leftovers else ():
+            for ours, original in leftovers.items():
+                if value is ours:
+                    setattr(module, name, original)
 
     def names(self) -> list[str]:
         return [f"{m.__name__}.{n}" for m, n, _ in self._saved]
