@@ -215,6 +215,25 @@ def test_liger_named_loss_takes_ligers_keywords_and_defaults():
     assert torch.equal(out, expected) and torch.equal(metrics[0], exp_metrics[0])
 
 
+def test_liger_named_loss_under_zero3_uses_the_chunked_strategy():
+    """ZeRO-3 re-partitions the head after TRL's gather: the loss must not read the weight in its backward."""
+    import grpo_kernels as gk
+
+    hidden, weight, b, _ = _problem(N=2 * 6, V=23, seed=12)
+    ids = torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(13))
+    mask, adv = torch.ones(2, 6), torch.tensor([1.0, -0.5])
+    loss = gkt.LigerGRPOLoss(beta=0.0, loss_type="dapo", strategy="fused")
+    w = weight.clone().requires_grad_(True)
+    w.ds_id = 0
+    out, _ = loss(hidden.view(2, 6, -1), w, ids, mask, adv)
+    assert loss.options.strategy == "chunked"
+    out.backward()
+    w2 = weight.clone().requires_grad_(True)
+    expected, _ = gk.fused_linear_grpo_loss(hidden.view(2, 6, -1), w2, ids, mask, adv, strategy="chunked")
+    expected.backward()
+    assert torch.equal(out, expected) and torch.equal(w.grad, w2.grad)
+
+
 # ------------------------------------------------------------------------------------ TRL's GRPOTrainer
 
 def _reward(completions, **kwargs):
@@ -300,8 +319,8 @@ def test_grpo_trainer_entropy_bonus_patched_matches_unpatched():
 
 _OLD_TRL_RUN = textwrap.dedent('''
     """An older TRL's GRPOTrainer, 3 steps. argv[1]: 'ours' (patched) or 'trl' (unpatched); argv[2]: 'liger'
-    (use_liger_kernel=True, which TRL 1.13 and 1.14 need to take their fused path; 1.13's own copy of Liger's loss
-    gets compiled=False to spare a torch.compile on the CPU) or 'plain'. Prints one JSON line."""
+    (use_liger_kernel=True, which TRL 0.25-1.14 need to take their fused path; the fused GRPO loss of 1.13, or
+    Liger's own before, gets compiled=False to spare a torch.compile on the CPU) or 'plain'. Prints one JSON line."""
     import functools, json, sys, tempfile
     import torch, datasets, trl
     import trl.trainer.grpo_trainer as grpo_trainer
@@ -325,8 +344,10 @@ _OLD_TRL_RUN = textwrap.dedent('''
         names = []
         if sys.argv[1] == "ours":
             names = gkt.patch()
-        elif sys.argv[2] == "liger" and hasattr(grpo_trainer, "FusedLinearGRPOLoss"):
-            grpo_trainer.FusedLinearGRPOLoss = functools.partial(grpo_trainer.FusedLinearGRPOLoss, compiled=False)
+        elif sys.argv[2] == "liger":
+            for name in ("FusedLinearGRPOLoss", "LigerFusedLinearGRPOLoss"):  # 1.13's copy; Liger's own before
+                if hasattr(grpo_trainer, name):
+                    setattr(grpo_trainer, name, functools.partial(getattr(grpo_trainer, name), compiled=False))
         tr = trl.GRPOTrainer(model=d + "/m", reward_funcs=[reward], args=args, processing_class=tok,
                              train_dataset=datasets.Dataset.from_dict({"prompt": ["abc", "hello", "xyz a", "aaa"] * 2}))
         tr.train()
@@ -369,6 +390,20 @@ def test_trl_1_13_fused_grpo_loss_patched_matches_trls_own(tmp_path):
     assert "trl.trainer.grpo_trainer.FusedLinearGRPOLoss" in ours["patched"]
     assert ours["loss_class"] == "LigerGRPOLoss" and ours["counts"]["ours"] == 3
     assert theirs["loss_class"] == "FusedLinearGRPOLoss"
+    assert theirs["steps"][1]["kl"] > 0 and theirs["steps"][1]["clip_ratio"] > 0
+    _assert_same_steps(ours["steps"], theirs["steps"], ("loss", "grad_norm", "kl", "clip_ratio"))
+
+
+@pytest.mark.slow
+def test_trl_1_12_liger_grpo_loss_patched_matches_ligers(tmp_path):
+    """TRL 1.12 (Liger's `LigerFusedLinearGRPOLoss` bound in grpo_trainer, the 0.17-1.12 layout) in a --target
+    install: patched, TRL builds our class under Liger's name and gets Liger's loss, grad norm, KL and clip ratio."""
+    pytest.importorskip("liger_kernel")
+    theirs = _run_old_trl(tmp_path, "1.12.0", "trl", "liger")
+    ours = _run_old_trl(tmp_path, "1.12.0", "ours", "liger")
+    assert ours["patched"] == ["trl.trainer.grpo_trainer.LigerFusedLinearGRPOLoss"]
+    assert ours["loss_class"] == "LigerGRPOLoss" and ours["counts"]["ours"] == 3
+    assert theirs["loss_class"] == "LigerFusedLinearGRPOLoss"
     assert theirs["steps"][1]["kl"] > 0 and theirs["steps"][1]["clip_ratio"] > 0
     _assert_same_steps(ours["steps"], theirs["steps"], ("loss", "grad_norm", "kl", "clip_ratio"))
 

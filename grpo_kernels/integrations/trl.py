@@ -17,7 +17,8 @@ What is replaced is found by what the installed TRL has, not by its version stri
 Calls ours does not cover go to TRL's own function unchanged: final-logit softcapping, a logit scale <= 0,
 the extra outputs (log_sum_sq_probs, mean_logits, is_top1), targets outside [0, V) (TRL defines their
 log-prob as -logsumexp), an empty batch, DeepSpeed ZeRO-3 parameters (ours re-reads the weight in the
-backward, after ZeRO-3 has re-partitioned it), and devices other than CPU and CUDA.
+backward, after ZeRO-3 has re-partitioned it), and devices other than CPU and CUDA. The fused GRPO loss
+(0.17-1.13) runs its chunked strategy under ZeRO-3 (every gradient made in the forward).
 `call_counts()` says how many calls went each way.
 """
 
@@ -124,9 +125,13 @@ class LigerGRPOLoss(gk.FusedLinearGRPOLoss):
     def __init__(self, beta: float = 0.04, loss_type: str = "bnpo", **kwargs):
         super().__init__(beta=beta, loss_type=loss_type, **kwargs)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, _input, lin_weight, *args, **kwargs):
         _counts["ours"] += 1
-        return super().forward(*args, **kwargs)
+        if hasattr(lin_weight, "ds_id") and self.options.strategy != "chunked":
+            # DeepSpeed ZeRO-3: TRL gathers the head for the forward only. The chunked strategy makes every
+            # gradient in the forward and never reads the weight in the backward; the fused one would.
+            self.options = self.options.replace(strategy="chunked")
+        return super().forward(_input, lin_weight, *args, **kwargs)
 
 
 def _chunked_variant(fn):
