@@ -401,7 +401,7 @@ def test_trl_1_12_liger_grpo_loss_patched_matches_ligers(tmp_path):
     pytest.importorskip("liger_kernel")
     theirs = _run_old_trl(tmp_path, "1.12.0", "trl", "liger")
     ours = _run_old_trl(tmp_path, "1.12.0", "ours", "liger")
-    assert ours["patched"] == ["trl.trainer.grpo_trainer.LigerFusedLinearGRPOLoss"]
+    assert "trl.trainer.grpo_trainer.LigerFusedLinearGRPOLoss" in ours["patched"]
     assert ours["loss_class"] == "LigerGRPOLoss" and ours["counts"]["ours"] == 3
     assert theirs["loss_class"] == "LigerFusedLinearGRPOLoss"
     assert theirs["steps"][1]["kl"] > 0 and theirs["steps"][1]["clip_ratio"] > 0
