@@ -12,8 +12,8 @@ Gradient accumulation follows TRL 1.16's `_compute_loss` (its loss is already sc
   number without a clamp of the scaled normalizer.
 After all-reducing (averaging) gradients across ranks, the accumulated gradient equals TRL's.
 
-Zero-signal micro-batches: when beta and entropy_coef are 0 and every completion has advantage 0 (all rewards of its group equal)
-or no unmasked token, every per-token loss is exactly 0, so the gradient is exactly 0. Such a micro-batch skips
+Zero-signal micro-batches: when beta and entropy_coef are 0 and every completion has advantage 0 (all rewards of
+its group equal) or no unmasked token, every per-token loss is exactly 0, so the gradient is exactly 0. Such a micro-batch skips
 the backward (its forward runs under no_grad, only for the logged entropy) and gets zero gradients, which is what
 the backward would have produced: AdamW, gradient clipping and the ranks' gradient all-reduce see the same
 tensors as before, and the RNG stream is unchanged (dropout draws in the forward only).
