@@ -1,11 +1,15 @@
 """Chunked and fused drivers: the autograd Functions that call the kernel phases and the GEMMs.
 
-chunked: per chunk of tokens, logits = one GEMM into a [chunk, V] buffer; an epilogue gives lse / logp /
-    entropy; `loss_math` gives g_t = dL/dlogp_t; the epilogue overwrites the buffer with dL/dlogits in place;
-    two GEMMs give dH and dW. Gradients are made in the forward (6·N·H·V FLOPs in all); backward only scales
-    them by grad_output.
+chunked: per chunk of tokens, logits = one GEMM into an fp32 [chunk, V] buffer (16-bit operands, fp32 output:
+    logits are never rounded to 16 bits); an epilogue gives lse / logp / entropy; `loss_math` gives
+    g_t = dL/dlogp_t; the epilogue overwrites the buffer with dL/dlogits in place (for 16-bit inputs rounded to
+    16 bits over the first half of each row, read back as a strided matrix); two GEMMs give dH and dW, dW summed
+    into one fp32 accumulator in place. Gradients are made in the forward (6·N·H·V FLOPs in all); backward only
+    scales them by grad_output.
 fused: the logits never exist, not even a chunk: forward streams the vocabulary with an online logsumexp
     (2·N·H·V), backward recomputes the logits tile by tile (6·N·H·V) — O(N) extra memory.
+linear_logprobs: the same passes for logp and entropy, both differentiable; the logits gradient of the two is
+    [g (onehot - p) - e p (log p + H)] / T (see `torch_ops`).
 `ops` is `grpo_kernels.torch_ops` or `grpo_kernels.kernels` (same signatures).
 """
 
@@ -67,60 +71,67 @@ def loss_parts(ops, logp: Tensor, terms, opts: LossOptions, need_grad: bool):
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    """The chunk's logits buffer: fp32 for fp32/bf16/fp16 inputs (fp64 for fp64), never rounded to 16 bits."""
+    return torch_ops.linear_fp32(h, weight, bias)
+
+
+def _operand_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """dtype of dL/dlogits as a backward-GEMM operand: the input's 16-bit dtype, else the buffer's (None)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 @dataclasses.dataclass
 class _Grads:
-    """Gradient accumulators. dW is summed across chunks in fp32 (one cast at the end); with a single chunk the
-    GEMM writes it directly in the weight's dtype (its accumulation is fp32 inside the GEMM)."""
+    """Gradient accumulators of the chunked strategy, fed one chunk of dL/dlogits at a time (16-bit for 16-bit
+    inputs). d_hidden rows are written per chunk; dW and db are summed across chunks in fp32 in place
+    (`torch_ops.gemm_into`: only the accumulator exists), one cast at the end. A single chunk writes dW straight
+    in the weight's dtype (its accumulation is fp32 inside the GEMM). keep_fp32 keeps all three in fp32 (fp16
+    inputs in the GRPO loss: the gradients are made with grad_output = 1 and scaled later, and fp16 would
+    underflow before GradScaler's factor applies)."""
 
     d_hidden: Optional[Tensor]
     d_weight: Optional[Tensor]
     d_bias: Optional[Tensor]
     single_chunk: bool
+    keep_fp32: bool
 
     @classmethod
-    def make(cls, N: int, hidden: Tensor, weight: Tensor, needs: tuple, single_chunk: bool) -> "_Grads":
+    def make(cls, N: int, hidden: Tensor, weight: Tensor, needs: tuple, single_chunk: bool,
+             keep_fp32: bool = False) -> "_Grads":
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        direct_w = single_chunk and not keep_fp32
         return cls(
-            d_hidden=hidden.new_zeros(N, hidden.shape[1]) if needs[0] else None,
-            d_weight=None if not needs[1] else (None if single_chunk else weight.new_zeros(weight.shape, dtype=acc)),
+            d_hidden=hidden.new_zeros(N, hidden.shape[1], dtype=acc if keep_fp32 else hidden.dtype)
+            if needs[0] else None,
+            d_weight=None if not needs[1] or direct_w else weight.new_zeros(weight.shape, dtype=acc),
             d_bias=weight.new_zeros(weight.shape[0], dtype=acc) if needs[2] else None,
-            single_chunk=single_chunk)
+            single_chunk=single_chunk, keep_fp32=keep_fp32)
 
     def add(self, dlogits: Tensor, idx: Tensor, h_chunk: Tensor, weight: Tensor, needs: tuple) -> None:
         if self.d_hidden is not None:
-            self.d_hidden.index_copy_(0, idx, dlogits @ weight)
+            if self.d_hidden.dtype == weight.dtype:
+                rows = dlogits @ weight
+            else:
+                rows = torch_ops.gemm_into(dlogits.new_empty(dlogits.shape[0], weight.shape[1],
+                                                             dtype=self.d_hidden.dtype), dlogits, weight)
+            self.d_hidden.index_copy_(0, idx, rows)
         if needs[1]:
-            if self.single_chunk:
+            if self.d_weight is None:
                 self.d_weight = dlogits.T @ h_chunk
             else:
-                self.d_weight += _mm_acc(dlogits.T, h_chunk, self.d_weight.dtype)
+                torch_ops.gemm_into(self.d_weight, dlogits.T, h_chunk, accumulate=True)
         if self.d_bias is not None:
             self.d_bias += dlogits.sum(0, dtype=self.d_bias.dtype)
 
     def finish(self, weight: Tensor, bias: Optional[Tensor], needs: tuple):
+        """(d_hidden, d_weight, d_bias): in the inputs' dtypes, or fp32 when keep_fp32."""
         dw = self.d_weight
         if needs[1] and dw is None:  # no rows at all
             dw = torch.zeros_like(weight)
-        dw = None if dw is None else dw.to(weight.dtype)
-        db = None if self.d_bias is None or bias is None else self.d_bias.to(bias.dtype)
+        cast = (lambda t, like: t) if self.keep_fp32 else (lambda t, like: t.to(like.dtype))  # noqa: E731
+        dw = None if dw is None else cast(dw, weight)
+        db = None if self.d_bias is None or bias is None else cast(self.d_bias, bias)
         return self.d_hidden, dw, db
-
-
-def _mm_acc(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """a @ b with an fp32 result and operands left in their dtype (no upcast of GEMM operands on the GPU)."""
-    if a.dtype == out_dtype:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=out_dtype)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=...) for this dtype
-            pass
-    return (a @ b).to(out_dtype)
 
 
 def forward_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
@@ -204,7 +215,9 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
         totals = _Totals.zeros(h2d.device, acc)
         chunks = plan.chunks(chunk_size, opts.needs_whole_sequences)
-        grads = _Grads.make(h2d.shape[0], h2d, weight, needs, single_chunk=len(chunks) <= 1)
+        grads = _Grads.make(h2d.shape[0], h2d, weight, needs, single_chunk=len(chunks) <= 1,
+                            keep_fp32=h2d.dtype == torch.float16)
+        op_dtype = _operand_dtype(h2d.dtype)
         for start, end in chunks:
             idx = plan.rows[start:end]
             h_chunk = h2d.index_select(0, idx)
@@ -216,14 +229,16 @@ class ChunkedGRPOLoss(torch.autograd.Function):
             if ent is not None:
                 totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
             if need_grad:
-                ops.chunk_dlogits_(logits, targets, lse, parts.grad, opts.temperature)
-                grads.add(logits, idx, h_chunk, weight, needs)
+                dlogits = ops.chunk_dlogits_(logits, targets, lse, parts.grad, opts.temperature, out_dtype=op_dtype)
+                grads.add(dlogits, idx, h_chunk, weight, needs)
+                del dlogits
             del logits
         skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "chunked", ops, chunk_size)
         if skipped is not None:
             totals.entropy += skipped
         d_hidden, d_weight, d_bias = grads.finish(weight, bias, needs)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.dtypes = (h2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         out = _finish_metrics(totals, plan, opts, kl_on)
         ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
         return out
@@ -231,8 +246,10 @@ class ChunkedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         d_hidden, d_weight, d_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+        # scaled in the stored dtype (fp32 for fp16 inputs), then cast: no underflow before GradScaler's factor
+        scale = lambda g, dt: None if g is None else (g * grad_loss.to(g.dtype)).to(dt)  # noqa: E731
+        dh, dw, db = (scale(g, dt) for g, dt in zip((d_hidden, d_weight, d_bias), ctx.dtypes))
+        return dh, dw, db, None, None, None, None, None, None
 
 
 class FusedGRPOLoss(torch.autograd.Function):
@@ -285,39 +302,49 @@ class FusedGRPOLoss(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------ log-probs only
 
 class LinearLogprobs(torch.autograd.Function):
-    """logp (differentiable) and entropy (returned detached) of every row; backward recomputes the logits."""
+    """logp and entropy of every row, both differentiable; the backward recomputes the logits (chunk by chunk or
+    tile by tile) and makes dL/dlogits = [g (onehot - p) - e p (log p + H)] / T of both outputs in one pass; the
+    entropy term is computed only when the entropy's gradient e is given, nothing at all when neither is."""
 
     @staticmethod
     def forward(ctx, h2d, weight, bias, targets, temperature: float, return_entropy: bool, strategy: str, ops,
                 chunk_size: int):
         lse, logp, ent = forward_stats(h2d, weight, bias, targets, temperature, return_entropy, strategy, ops,
                                        chunk_size)
-        ctx.save_for_backward(h2d, weight, bias, targets, lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (and costs nothing)
+        ctx.save_for_backward(h2d, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.strategy, ctx.ops, ctx.chunk_size = temperature, strategy, ops, chunk_size
         logp = logp.to(torch.float32) if logp.dtype != torch.float64 else logp
         if ent is None:
             return logp, None
-        ent = ent.to(logp.dtype)
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
+        return logp, ent.to(logp.dtype)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        h2d, weight, bias, targets, lse = ctx.saved_tensors
+        h2d, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grad = grad_logp.to(lse.dtype)
+        if (grad_logp is None and grad_entropy is None) or not any(needs):
+            return None, None, None, None, None, None, None, None, None
+        grad = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
+        g_ent = None if grad_entropy is None else grad_entropy.to(lse.dtype)
+        ent_arg = ent if g_ent is not None else None
         T = ctx.temperature
         if ctx.strategy == "fused":
-            dh, dw, db = ctx.ops.fused_linear_backward(h2d, weight, bias, targets, lse, grad, T, *needs)
+            dh, dw, db = ctx.ops.fused_linear_backward(h2d, weight, bias, targets, lse, grad, T, *needs,
+                                                       entropy=ent_arg, grad_entropy=g_ent)
         else:
             M, cs = h2d.shape[0], ctx.chunk_size
+            op_dtype = _operand_dtype(h2d.dtype)
             grads = _Grads.make(M, h2d, weight, needs, single_chunk=M <= cs)
             for s in range(0, M, cs):
                 e = min(M, s + cs)
-                logits = _logits(h2d[s:e], weight, bias)
-                ctx.ops.chunk_dlogits_(logits, targets[s:e], lse[s:e], grad[s:e], T)
+                dlogits = ctx.ops.chunk_dlogits_(
+                    _logits(h2d[s:e], weight, bias), targets[s:e], lse[s:e], grad[s:e], T,
+                    entropy=None if ent_arg is None else ent_arg[s:e],
+                    grad_entropy=None if g_ent is None else g_ent[s:e], out_dtype=op_dtype)
                 idx = torch.arange(s, e, device=h2d.device)
-                grads.add(logits, idx, h2d[s:e], weight, needs)
+                grads.add(dlogits, idx, h2d[s:e], weight, needs)
+                del dlogits
             dh, dw, db = grads.finish(weight, bias, needs)
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
