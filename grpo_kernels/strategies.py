@@ -84,37 +84,26 @@ def _operand_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
 class _Grads:
     """Gradient accumulators of the chunked strategy, fed one chunk of dL/dlogits at a time (16-bit for 16-bit
     inputs). d_hidden rows are written per chunk; dW and db are summed across chunks in fp32 in place
-    (`torch_ops.gemm_into`: only the accumulator exists), one cast at the end. A single chunk writes dW straight
-    in the weight's dtype (its accumulation is fp32 inside the GEMM). keep_fp32 keeps all three in fp32 (fp16
-    inputs in the GRPO loss: the gradients are made with grad_output = 1 and scaled later, and fp16 would
-    underflow before GradScaler's factor applies)."""
+    (`torch_ops.gemm_into`: only the accumulator exists, no per-chunk [V, H] result), one cast at the end. A single
+    chunk writes dW straight in the weight's dtype (its accumulation is fp32 inside the GEMM)."""
 
     d_hidden: Optional[Tensor]
     d_weight: Optional[Tensor]
     d_bias: Optional[Tensor]
     single_chunk: bool
-    keep_fp32: bool
 
     @classmethod
-    def make(cls, N: int, hidden: Tensor, weight: Tensor, needs: tuple, single_chunk: bool,
-             keep_fp32: bool = False) -> "_Grads":
+    def make(cls, N: int, hidden: Tensor, weight: Tensor, needs: tuple, single_chunk: bool) -> "_Grads":
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        direct_w = single_chunk and not keep_fp32
         return cls(
-            d_hidden=hidden.new_zeros(N, hidden.shape[1], dtype=acc if keep_fp32 else hidden.dtype)
-            if needs[0] else None,
-            d_weight=None if not needs[1] or direct_w else weight.new_zeros(weight.shape, dtype=acc),
+            d_hidden=hidden.new_zeros(N, hidden.shape[1]) if needs[0] else None,
+            d_weight=None if not needs[1] or single_chunk else weight.new_zeros(weight.shape, dtype=acc),
             d_bias=weight.new_zeros(weight.shape[0], dtype=acc) if needs[2] else None,
-            single_chunk=single_chunk, keep_fp32=keep_fp32)
+            single_chunk=single_chunk)
 
     def add(self, dlogits: Tensor, idx: Tensor, h_chunk: Tensor, weight: Tensor, needs: tuple) -> None:
         if self.d_hidden is not None:
-            if self.d_hidden.dtype == weight.dtype:
-                rows = dlogits @ weight
-            else:
-                rows = torch_ops.gemm_into(dlogits.new_empty(dlogits.shape[0], weight.shape[1],
-                                                             dtype=self.d_hidden.dtype), dlogits, weight)
-            self.d_hidden.index_copy_(0, idx, rows)
+            self.d_hidden.index_copy_(0, idx, dlogits @ weight)
         if needs[1]:
             if self.d_weight is None:
                 self.d_weight = dlogits.T @ h_chunk
@@ -124,14 +113,31 @@ class _Grads:
             self.d_bias += dlogits.sum(0, dtype=self.d_bias.dtype)
 
     def finish(self, weight: Tensor, bias: Optional[Tensor], needs: tuple):
-        """(d_hidden, d_weight, d_bias): in the inputs' dtypes, or fp32 when keep_fp32."""
         dw = self.d_weight
         if needs[1] and dw is None:  # no rows at all
             dw = torch.zeros_like(weight)
-        cast = (lambda t, like: t) if self.keep_fp32 else (lambda t, like: t.to(like.dtype))  # noqa: E731
-        dw = None if dw is None else cast(dw, weight)
-        db = None if self.d_bias is None or bias is None else cast(self.d_bias, bias)
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if self.d_bias is None or bias is None else self.d_bias.to(bias.dtype)
         return self.d_hidden, dw, db
+
+
+def chunked_grads(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, grad: Tensor,
+                  temperature: float, needs: tuple, ops, chunk_size: int, entropy: Optional[Tensor] = None,
+                  grad_entropy: Optional[Tensor] = None):
+    """Gradients w.r.t. (h, weight, bias) of sum_i grad_i logp_i (+ grad_entropy_i entropy_i), recomputing the
+    fp32 logits chunk by chunk; returns (d_h [M, H] in h's dtype, d_weight, d_bias), None where not needed."""
+    M = h.shape[0]
+    op_dtype = _operand_dtype(h.dtype)
+    grads = _Grads.make(M, h, weight, needs, single_chunk=M <= chunk_size)
+    for s in range(0, M, chunk_size):
+        e = min(M, s + chunk_size)
+        dlogits = ops.chunk_dlogits_(
+            _logits(h[s:e], weight, bias), targets[s:e], lse[s:e], grad[s:e], temperature,
+            entropy=None if grad_entropy is None else entropy[s:e],
+            grad_entropy=None if grad_entropy is None else grad_entropy[s:e], out_dtype=op_dtype)
+        grads.add(dlogits, torch.arange(s, e, device=h.device), h[s:e], weight, needs)
+        del dlogits
+    return grads.finish(weight, bias, needs)
 
 
 def forward_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
@@ -205,18 +211,24 @@ def _needs(ctx, bias, grad_on: bool) -> tuple:
 
 
 class ChunkedGRPOLoss(torch.autograd.Function):
-    """Loss and metrics; gradients computed chunk by chunk during the forward."""
+    """Loss and metrics; gradients computed chunk by chunk during the forward (grad_output = 1), the backward only
+    scales them. fp16 inputs defer the gradient GEMMs to the backward instead (logits recomputed: 8·N·H·V FLOPs):
+    made with grad_output = 1, the fp16 dL/dlogits (g·p / T) and gradients would underflow before GradScaler's
+    factor reaches them; in the backward they carry that factor."""
 
     @staticmethod
     def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool,
                 grad_on: bool):
         needs = _needs(ctx, bias, grad_on)
         need_grad = any(needs)
+        defer = need_grad and h2d.dtype == torch.float16
         acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
         totals = _Totals.zeros(h2d.device, acc)
         chunks = plan.chunks(chunk_size, opts.needs_whole_sequences)
-        grads = _Grads.make(h2d.shape[0], h2d, weight, needs, single_chunk=len(chunks) <= 1,
-                            keep_fp32=h2d.dtype == torch.float16)
+        grads = None if defer else _Grads.make(h2d.shape[0], h2d, weight, needs, single_chunk=len(chunks) <= 1)
+        if defer:  # per row of plan.rows: what the backward needs to rebuild dL/dlogits
+            lse_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
+            g_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
         op_dtype = _operand_dtype(h2d.dtype)
         for start, end in chunks:
             idx = plan.rows[start:end]
@@ -228,7 +240,9 @@ class ChunkedGRPOLoss(torch.autograd.Function):
             totals.add(parts)
             if ent is not None:
                 totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
-            if need_grad:
+            if defer:
+                lse_rows[start:end], g_rows[start:end] = lse, parts.grad
+            elif need_grad:
                 dlogits = ops.chunk_dlogits_(logits, targets, lse, parts.grad, opts.temperature, out_dtype=op_dtype)
                 grads.add(dlogits, idx, h_chunk, weight, needs)
                 del dlogits
@@ -236,20 +250,34 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "chunked", ops, chunk_size)
         if skipped is not None:
             totals.entropy += skipped
-        d_hidden, d_weight, d_bias = grads.finish(weight, bias, needs)
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
-        ctx.dtypes = (h2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.defer = defer
+        if defer:
+            ctx.save_for_backward(h2d, weight, bias, lse_rows, g_rows)
+            ctx.plan, ctx.ops, ctx.needs, ctx.chunk_size, ctx.temperature = (plan, ops, needs, chunk_size,
+                                                                              opts.temperature)
+        else:
+            ctx.save_for_backward(*grads.finish(weight, bias, needs))
         out = _finish_metrics(totals, plan, opts, kl_on)
         ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
         return out
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        # scaled in the stored dtype (fp32 for fp16 inputs), then cast: no underflow before GradScaler's factor
-        scale = lambda g, dt: None if g is None else (g * grad_loss.to(g.dtype)).to(dt)  # noqa: E731
-        dh, dw, db = (scale(g, dt) for g, dt in zip((d_hidden, d_weight, d_bias), ctx.dtypes))
-        return dh, dw, db, None, None, None, None, None, None
+        if not ctx.defer:
+            d_hidden, d_weight, d_bias = ctx.saved_tensors
+            scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+            return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+        h2d, weight, bias, lse_rows, g_rows = ctx.saved_tensors
+        plan, needs = ctx.plan, ctx.needs
+        h_rows = h2d.index_select(0, plan.rows)
+        targets = plan.targets.index_select(0, plan.rows)
+        d_rows, d_weight, d_bias = chunked_grads(h_rows, weight, bias, targets, lse_rows,
+                                                 g_rows * grad_loss.to(g_rows.dtype), ctx.temperature, needs, ctx.ops,
+                                                 ctx.chunk_size)
+        d_hidden = None
+        if needs[0]:
+            d_hidden = h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 class FusedGRPOLoss(torch.autograd.Function):
@@ -333,19 +361,8 @@ class LinearLogprobs(torch.autograd.Function):
             dh, dw, db = ctx.ops.fused_linear_backward(h2d, weight, bias, targets, lse, grad, T, *needs,
                                                        entropy=ent_arg, grad_entropy=g_ent)
         else:
-            M, cs = h2d.shape[0], ctx.chunk_size
-            op_dtype = _operand_dtype(h2d.dtype)
-            grads = _Grads.make(M, h2d, weight, needs, single_chunk=M <= cs)
-            for s in range(0, M, cs):
-                e = min(M, s + cs)
-                dlogits = ctx.ops.chunk_dlogits_(
-                    _logits(h2d[s:e], weight, bias), targets[s:e], lse[s:e], grad[s:e], T,
-                    entropy=None if ent_arg is None else ent_arg[s:e],
-                    grad_entropy=None if g_ent is None else g_ent[s:e], out_dtype=op_dtype)
-                idx = torch.arange(s, e, device=h2d.device)
-                grads.add(dlogits, idx, h2d[s:e], weight, needs)
-                del dlogits
-            dh, dw, db = grads.finish(weight, bias, needs)
+            dh, dw, db = chunked_grads(h2d, weight, bias, targets, lse, grad, T, needs, ctx.ops, ctx.chunk_size,
+                                       entropy=ent_arg, grad_entropy=g_ent)
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
         return dh, dw, db, None, None, None, None, None, None

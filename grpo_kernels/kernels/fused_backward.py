@@ -138,7 +138,8 @@ def fused_linear_backward(hidden, weight, bias, targets, lse, grad, temperature:
         dummy = grad  # never dereferenced when its constexpr flag is off
         _fused_backward_kernel[(num_m_blocks * num_v_blocks,)](
             hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
-            entropy if with_eg else dummy, grad_entropy if with_eg else dummy, dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+            entropy if with_eg else dummy, grad_entropy if with_eg else dummy,
+            dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
             m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, num_m_blocks, num_v_blocks,
             HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias,
             WITH_ENTROPY_GRAD=with_eg, DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg)
