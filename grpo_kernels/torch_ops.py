@@ -64,9 +64,10 @@ def _native_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
 def gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> Tensor:
     """out (+)= a @ b with `out` fp32/fp64 and a, b in their own (equal) dtype; returns out.
 
-    16-bit operands: on CUDA one cuBLAS call with an fp32 output (in place when accumulating: no second [.., ..]
-    buffer); without that overload (the CPU) the operands are upcast slice by slice along the reduction dimension
-    (bounded temporaries, exact upcast). Never rounds the result to 16 bits."""
+    16-bit operands: on CUDA one cuBLAS call with an fp32 output (in place when accumulating: no second
+    [rows, cols] buffer); without that overload (the CPU, or a CUDA torch that lacks it) the operands are upcast
+    slice by slice along the reduction dimension: bounded temporaries, exact, slower. Never rounds the result to
+    16 bits."""
     if a.dtype == out.dtype:
         if accumulate:
             out.addmm_(a, b)
