@@ -103,10 +103,10 @@ class _Grads:
 
     def add(self, dlogits: Tensor, idx: Tensor, h_chunk: Tensor, weight: Tensor, needs: tuple) -> None:
         if self.d_hidden is not None:
-            self.d_hidden.index_copy_(0, idx, dlogits @ weight)
+            self.d_hidden.index_copy_(0, idx, torch_ops.matmul(dlogits, weight))
         if needs[1]:
             if self.d_weight is None:
-                self.d_weight = dlogits.T @ h_chunk
+                self.d_weight = torch_ops.matmul(dlogits.T, h_chunk)
             else:
                 torch_ops.gemm_into(self.d_weight, dlogits.T, h_chunk, accumulate=True)
         if self.d_bias is not None:

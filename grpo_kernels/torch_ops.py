@@ -94,6 +94,16 @@ def gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> Te
     return out
 
 
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in the operands' dtype (fp32 accumulation). On the CPU 16-bit operands go through gemm_into's exact
+    upcast and one final rounding: torch's CPU bf16/fp16 GEMMs are many times slower (strided ones more so); on
+    CUDA cuBLAS takes the 16-bit operands as they are."""
+    if a.dtype in _HALF and not a.is_cuda:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+        return gemm_into(out, a, b).to(a.dtype)
+    return a @ b
+
+
 def linear_fp32(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """h @ weight.T + bias as a new fp32 (fp64 for fp64 inputs) [M, V] tensor: the chunk's logits buffer."""
     out = torch.empty(h.shape[0], weight.shape[0], dtype=_acc_dtype(h.dtype), device=h.device)

@@ -87,3 +87,15 @@ def test_torch_chunk_dlogits_packed_equals_fp32_rounded(out_dtype):
                                       out_dtype=out_dtype)
     assert packed.dtype == out_dtype and packed.stride() == (2 * v, 1)
     assert torch.equal(packed, fp32.to(out_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matmul_16bit_on_cpu_rounds_once(dtype):
+    """16-bit operands on the CPU: fp32 products and sums, then one rounding to the operands' dtype."""
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(7, 90, generator=g).to(dtype)
+    a = wide[:, :45]  # row-strided, as the packed dL/dlogits
+    b = torch.randn(45, 19, generator=g).to(dtype)
+    out = torch_ops.matmul(a, b)
+    assert out.dtype == dtype and out.shape == (7, 19)
+    assert torch.equal(out, (a.double() @ b.double()).float().to(dtype))
