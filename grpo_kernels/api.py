@@ -55,8 +55,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     [tokens x vocab] logits.
 
     hidden: (..., H) with leading dims equal to targets' shape, or (targets.numel(), H); weight: (V, H).
-    Returns fp32 log-probs shaped like `targets` (differentiable w.r.t. hidden, weight and bias) and, with
-    return_entropy=True, the entropy of each token's distribution (detached: no gradient flows through it).
+    Returns fp32 log-probs shaped like `targets` and, with return_entropy=True, the entropy of each token's
+    distribution, both differentiable w.r.t. hidden, weight and bias (dentropy/dz_v = -p_v (log p_v + entropy),
+    z the logits / temperature). Both gradients come from one recomputation of the logits; an entropy nobody
+    differentiates costs nothing in the backward. Logits are fp32 on every path, also for bf16/fp16 inputs.
     process_group: vocab-parallel (see `vocab_parallel`): weight/bias are this rank's contiguous rows, targets
     global ids; logp and entropy are over the whole vocabulary and both differentiable (torch ops, chunked).
     """

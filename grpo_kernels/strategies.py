@@ -1,11 +1,15 @@
 """Chunked and fused drivers: the autograd Functions that call the kernel phases and the GEMMs.
 
-chunked: per chunk of tokens, logits = one GEMM into a [chunk, V] buffer; an epilogue gives lse / logp /
-    entropy; `loss_math` gives g_t = dL/dlogp_t; the epilogue overwrites the buffer with dL/dlogits in place;
-    two GEMMs give dH and dW. Gradients are made in the forward (6·N·H·V FLOPs in all); backward only scales
-    them by grad_output.
+chunked: per chunk of tokens, logits = one GEMM into an fp32 [chunk, V] buffer (16-bit operands, fp32 output:
+    logits are never rounded to 16 bits); an epilogue gives lse / logp / entropy; `loss_math` gives
+    g_t = dL/dlogp_t; the epilogue overwrites the buffer with dL/dlogits in place (for 16-bit inputs rounded to
+    16 bits over the first half of each row, read back as a strided matrix); two GEMMs give dH and dW, dW summed
+    into one fp32 accumulator in place. Gradients are made in the forward (6·N·H·V FLOPs in all); backward only
+    scales them by grad_output.
 fused: the logits never exist, not even a chunk: forward streams the vocabulary with an online logsumexp
     (2·N·H·V), backward recomputes the logits tile by tile (6·N·H·V) — O(N) extra memory.
+linear_logprobs: the same passes for logp and entropy, both differentiable; the logits gradient of the two is
+    [g (onehot - p) - e p (log p + H)] / T (see `torch_ops`).
 `ops` is `grpo_kernels.torch_ops` or `grpo_kernels.kernels` (same signatures).
 """
 
@@ -35,13 +39,21 @@ def loss_parts(ops, logp: Tensor, terms, opts: LossOptions, need_grad: bool):
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    """The chunk's logits buffer: fp32 for fp32/bf16/fp16 inputs (fp64 for fp64), never rounded to 16 bits."""
+    return torch_ops.linear_fp32(h, weight, bias)
+
+
+def _operand_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """dtype of dL/dlogits as a backward-GEMM operand: the input's 16-bit dtype, else the buffer's (None)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 @dataclasses.dataclass
 class _Grads:
-    """Gradient accumulators. dW is summed across chunks in fp32 (one cast at the end); with a single chunk the
-    GEMM writes it directly in the weight's dtype (its accumulation is fp32 inside the GEMM)."""
+    """Gradient accumulators of the chunked strategy, fed one chunk of dL/dlogits at a time (16-bit for 16-bit
+    inputs). d_hidden rows are written per chunk; dW and db are summed across chunks in fp32 in place
+    (`torch_ops.gemm_into`: only the accumulator exists, no per-chunk [V, H] result), one cast at the end. A single
+    chunk writes dW straight in the weight's dtype (its accumulation is fp32 inside the GEMM)."""
 
     d_hidden: Optional[Tensor]
     d_weight: Optional[Tensor]
@@ -53,18 +65,18 @@ class _Grads:
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         return cls(
             d_hidden=hidden.new_zeros(N, hidden.shape[1]) if needs[0] else None,
-            d_weight=None if not needs[1] else (None if single_chunk else weight.new_zeros(weight.shape, dtype=acc)),
+            d_weight=None if not needs[1] or single_chunk else weight.new_zeros(weight.shape, dtype=acc),
             d_bias=weight.new_zeros(weight.shape[0], dtype=acc) if needs[2] else None,
             single_chunk=single_chunk)
 
     def add(self, dlogits: Tensor, idx: Tensor, h_chunk: Tensor, weight: Tensor, needs: tuple) -> None:
         if self.d_hidden is not None:
-            self.d_hidden.index_copy_(0, idx, dlogits @ weight)
+            self.d_hidden.index_copy_(0, idx, torch_ops.matmul(dlogits, weight))
         if needs[1]:
-            if self.single_chunk:
-                self.d_weight = dlogits.T @ h_chunk
+            if self.d_weight is None:
+                self.d_weight = torch_ops.matmul(dlogits.T, h_chunk)
             else:
-                self.d_weight += _mm_acc(dlogits.T, h_chunk, self.d_weight.dtype)
+                torch_ops.gemm_into(self.d_weight, dlogits.T, h_chunk, accumulate=True)
         if self.d_bias is not None:
             self.d_bias += dlogits.sum(0, dtype=self.d_bias.dtype)
 
@@ -77,18 +89,23 @@ class _Grads:
         return self.d_hidden, dw, db
 
 
-def _mm_acc(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """a @ b with an fp32 result and operands left in their dtype (no upcast of GEMM operands on the GPU)."""
-    if a.dtype == out_dtype:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=out_dtype)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=...) for this dtype
-            pass
-    return (a @ b).to(out_dtype)
+def chunked_grads(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, grad: Tensor,
+                  temperature: float, needs: tuple, ops, chunk_size: int, entropy: Optional[Tensor] = None,
+                  grad_entropy: Optional[Tensor] = None):
+    """Gradients w.r.t. (h, weight, bias) of sum_i grad_i logp_i (+ grad_entropy_i entropy_i), recomputing the
+    fp32 logits chunk by chunk; returns (d_h [M, H] in h's dtype, d_weight, d_bias), None where not needed."""
+    M = h.shape[0]
+    op_dtype = _operand_dtype(h.dtype)
+    grads = _Grads.make(M, h, weight, needs, single_chunk=M <= chunk_size)
+    for s in range(0, M, chunk_size):
+        e = min(M, s + chunk_size)
+        dlogits = ops.chunk_dlogits_(
+            _logits(h[s:e], weight, bias), targets[s:e], lse[s:e], grad[s:e], temperature,
+            entropy=None if grad_entropy is None else entropy[s:e],
+            grad_entropy=None if grad_entropy is None else grad_entropy[s:e], out_dtype=op_dtype)
+        grads.add(dlogits, torch.arange(s, e, device=h.device), h[s:e], weight, needs)
+        del dlogits
+    return grads.finish(weight, bias, needs)
 
 
 def forward_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
@@ -162,17 +179,25 @@ def _needs(ctx, bias, grad_on: bool) -> tuple:
 
 
 class ChunkedGRPOLoss(torch.autograd.Function):
-    """Loss and metrics; gradients computed chunk by chunk during the forward."""
+    """Loss and metrics; gradients computed chunk by chunk during the forward (grad_output = 1), the backward only
+    scales them. fp16 inputs defer the gradient GEMMs to the backward instead (logits recomputed: 8·N·H·V FLOPs):
+    made with grad_output = 1, the fp16 dL/dlogits (g·p / T) and gradients would underflow before GradScaler's
+    factor reaches them; in the backward they carry that factor."""
 
     @staticmethod
     def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool,
                 grad_on: bool):
         needs = _needs(ctx, bias, grad_on)
         need_grad = any(needs)
+        defer = need_grad and h2d.dtype == torch.float16
         acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
         totals = _Totals.zeros(h2d.device, acc)
         chunks = plan.chunks(chunk_size, opts.needs_whole_sequences)
-        grads = _Grads.make(h2d.shape[0], h2d, weight, needs, single_chunk=len(chunks) <= 1)
+        grads = None if defer else _Grads.make(h2d.shape[0], h2d, weight, needs, single_chunk=len(chunks) <= 1)
+        if defer:  # per row of plan.rows: what the backward needs to rebuild dL/dlogits
+            lse_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
+            g_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
+        op_dtype = _operand_dtype(h2d.dtype)
         for start, end in chunks:
             idx = plan.rows[start:end]
             h_chunk = h2d.index_select(0, idx)
@@ -183,24 +208,44 @@ class ChunkedGRPOLoss(torch.autograd.Function):
             totals.add(parts)
             if ent is not None:
                 totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
-            if need_grad:
-                ops.chunk_dlogits_(logits, targets, lse, parts.grad, opts.temperature)
-                grads.add(logits, idx, h_chunk, weight, needs)
+            if defer:
+                lse_rows[start:end], g_rows[start:end] = lse, parts.grad
+            elif need_grad:
+                dlogits = ops.chunk_dlogits_(logits, targets, lse, parts.grad, opts.temperature, out_dtype=op_dtype)
+                grads.add(dlogits, idx, h_chunk, weight, needs)
+                del dlogits
             del logits
         skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "chunked", ops, chunk_size)
         if skipped is not None:
             totals.entropy += skipped
-        d_hidden, d_weight, d_bias = grads.finish(weight, bias, needs)
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.defer = defer
+        if defer:
+            ctx.save_for_backward(h2d, weight, bias, lse_rows, g_rows)
+            ctx.plan, ctx.ops, ctx.needs, ctx.chunk_size, ctx.temperature = (plan, ops, needs, chunk_size,
+                                                                              opts.temperature)
+        else:
+            ctx.save_for_backward(*grads.finish(weight, bias, needs))
         out = _finish_metrics(totals, plan, opts, kl_on)
         ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
         return out
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+        if not ctx.defer:
+            d_hidden, d_weight, d_bias = ctx.saved_tensors
+            scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+            return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+        h2d, weight, bias, lse_rows, g_rows = ctx.saved_tensors
+        plan, needs = ctx.plan, ctx.needs
+        h_rows = h2d.index_select(0, plan.rows)
+        targets = plan.targets.index_select(0, plan.rows)
+        d_rows, d_weight, d_bias = chunked_grads(h_rows, weight, bias, targets, lse_rows,
+                                                 g_rows * grad_loss.to(g_rows.dtype), ctx.temperature, needs, ctx.ops,
+                                                 ctx.chunk_size)
+        d_hidden = None
+        if needs[0]:
+            d_hidden = h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 class FusedGRPOLoss(torch.autograd.Function):
@@ -253,40 +298,39 @@ class FusedGRPOLoss(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------ log-probs only
 
 class LinearLogprobs(torch.autograd.Function):
-    """logp (differentiable) and entropy (returned detached) of every row; backward recomputes the logits."""
+    """logp and entropy of every row, both differentiable; the backward recomputes the logits (chunk by chunk or
+    tile by tile) and makes dL/dlogits = [g (onehot - p) - e p (log p + H)] / T of both outputs in one pass; the
+    entropy term is computed only when the entropy's gradient e is given, nothing at all when neither is."""
 
     @staticmethod
     def forward(ctx, h2d, weight, bias, targets, temperature: float, return_entropy: bool, strategy: str, ops,
                 chunk_size: int):
         lse, logp, ent = forward_stats(h2d, weight, bias, targets, temperature, return_entropy, strategy, ops,
                                        chunk_size)
-        ctx.save_for_backward(h2d, weight, bias, targets, lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (and costs nothing)
+        ctx.save_for_backward(h2d, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.strategy, ctx.ops, ctx.chunk_size = temperature, strategy, ops, chunk_size
         logp = logp.to(torch.float32) if logp.dtype != torch.float64 else logp
         if ent is None:
             return logp, None
-        ent = ent.to(logp.dtype)
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
+        return logp, ent.to(logp.dtype)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        h2d, weight, bias, targets, lse = ctx.saved_tensors
+        h2d, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grad = grad_logp.to(lse.dtype)
+        if (grad_logp is None and grad_entropy is None) or not any(needs):
+            return None, None, None, None, None, None, None, None, None
+        grad = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
+        g_ent = None if grad_entropy is None else grad_entropy.to(lse.dtype)
+        ent_arg = ent if g_ent is not None else None
         T = ctx.temperature
         if ctx.strategy == "fused":
-            dh, dw, db = ctx.ops.fused_linear_backward(h2d, weight, bias, targets, lse, grad, T, *needs)
+            dh, dw, db = ctx.ops.fused_linear_backward(h2d, weight, bias, targets, lse, grad, T, *needs,
+                                                       entropy=ent_arg, grad_entropy=g_ent)
         else:
-            M, cs = h2d.shape[0], ctx.chunk_size
-            grads = _Grads.make(M, h2d, weight, needs, single_chunk=M <= cs)
-            for s in range(0, M, cs):
-                e = min(M, s + cs)
-                logits = _logits(h2d[s:e], weight, bias)
-                ctx.ops.chunk_dlogits_(logits, targets[s:e], lse[s:e], grad[s:e], T)
-                idx = torch.arange(s, e, device=h2d.device)
-                grads.add(logits, idx, h2d[s:e], weight, needs)
-            dh, dw, db = grads.finish(weight, bias, needs)
+            dh, dw, db = chunked_grads(h2d, weight, bias, targets, lse, grad, T, needs, ctx.ops, ctx.chunk_size,
+                                       entropy=ent_arg, grad_entropy=g_ent)
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
         return dh, dw, db, None, None, None, None, None, None

@@ -1,11 +1,22 @@
-"""PyTorch versions of the kernel phases, with the same signatures as `grpo_kernels.kernels`.
+"""PyTorch versions of the kernel phases, with the same signatures as `grpo_kernels.kernels`, plus the fp32-output
+GEMM helpers every path uses.
 
 They are the CPU path (backend="torch") and make every strategy available without Triton. Math is in fp32
-(fp64 for fp64 inputs); GEMM operands stay in the input dtype.
+(fp64 for fp64 inputs); GEMM operands stay in the input dtype on the GPU.
+
+Precision contract (DESIGN.md): logits of 16-bit inputs are produced in fp32 (16-bit operands, fp32 output) and
+never rounded to 16 bits before the softmax; dL/dlogits is rounded to the input dtype only as a GEMM operand.
+
+Gradient of the per-row outputs with respect to the logits z = (W h + b) / T, with p = softmax(z),
+log p_v = z_v - lse and entropy H = -sum_v p_v log p_v:
+    d logp / dz_v = 1[v = y] - p_v,        dH / dz_v = -p_v (log p_v + H),
+so with upstream g = dL/dlogp and e = dL/dH, dL/dz_v = g (1[v = y] - p_v) - e p_v (log p_v + H), and dL/d(W h + b)
+is that divided by T. The e-term is computed only when an entropy gradient is given.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -13,8 +24,11 @@ import torch
 Tensor = torch.Tensor
 
 # The fused strategy on the torch backend streams the vocabulary in tiles of about this many logits
-# (M x tile), so its extra memory stays O(M) with a small constant.
+# (M x tile), so its extra memory stays O(M) with a small constant. The fp32 GEMM fallback upcasts operand
+# slices of about this many elements at a time.
 TILE_ELEMENTS = 4 << 20
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _vocab_tile(rows: int, vocab: int) -> int:
@@ -24,6 +38,82 @@ def _vocab_tile(rows: int, vocab: int) -> int:
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
+
+# ------------------------------------------------------------------------------------------ fp32-output GEMMs
+
+@functools.lru_cache(maxsize=None)
+def _native_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch has a correct `addmm(acc, a, b, out_dtype=fp32, out=acc)` (16-bit operands, fp32 result,
+    accumulated in place) for this device. CPU builds of torch 2.13 register mm/addmm's out_dtype overloads for
+    Meta only, so the CPU answer is False; on CUDA it is probed once, value included (acc aliased as out)."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device_type)
+        b = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=dtype, device=device_type)
+        acc = torch.full((2, 2), 1.0 / 3.0, dtype=torch.float32, device=device_type)
+        expected = acc + a.float() @ b.float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        out = torch.empty(2, 2, dtype=torch.float32, device=device_type)
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return bool(torch.equal(acc, expected)) and bool(torch.equal(out, a.float() @ b.float()))
+    except (TypeError, NotImplementedError, RuntimeError):
+        return False
+
+
+def gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> Tensor:
+    """out (+)= a @ b with `out` fp32/fp64 and a, b in their own (equal) dtype; returns out.
+
+    16-bit operands: on CUDA one cuBLAS call with an fp32 output (in place when accumulating: no second
+    [rows, cols] buffer); without that overload (the CPU, or a CUDA torch that lacks it) the operands are upcast
+    slice by slice along the reduction dimension: bounded temporaries, exact, slower. Never rounds the result to
+    16 bits."""
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return out
+    if a.dtype in _HALF and _native_out_dtype(a.device.type, a.dtype):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+        return out
+    K = a.shape[1]
+    if K == 0:
+        return out if accumulate else out.zero_()
+    step = max(1, TILE_ELEMENTS // max(a.shape[0], b.shape[1], 1))
+    for k0 in range(0, K, step):
+        k1 = min(K, k0 + step)
+        a_k, b_k = a[:, k0:k1].to(out.dtype), b[k0:k1].to(out.dtype)
+        if k0 == 0 and not accumulate:
+            torch.mm(a_k, b_k, out=out)
+        else:
+            out.addmm_(a_k, b_k)
+    return out
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in the operands' dtype (fp32 accumulation). On the CPU 16-bit operands go through gemm_into's exact
+    upcast and one final rounding: torch's CPU bf16/fp16 GEMMs are many times slower (strided ones more so); on
+    CUDA cuBLAS takes the 16-bit operands as they are."""
+    if a.dtype in _HALF and not a.is_cuda:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+        return gemm_into(out, a, b).to(a.dtype)
+    return a @ b
+
+
+def linear_fp32(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """h @ weight.T + bias as a new fp32 (fp64 for fp64 inputs) [M, V] tensor: the chunk's logits buffer."""
+    out = torch.empty(h.shape[0], weight.shape[0], dtype=_acc_dtype(h.dtype), device=h.device)
+    gemm_into(out, h, weight.T)
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- chunk epilogue
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
     """logits / T in the accumulation dtype (no copy for fp32 logits at T = 1)."""
@@ -43,84 +133,137 @@ def chunk_stats(logits: Tensor, targets: Tensor, temperature: float, return_entr
     return lse, logp, entropy
 
 
-def chunk_dlogits_(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, temperature: float) -> None:
-    """In place: logits <- grad * (onehot(target) - softmax(logits / T)) / T.
+def pack_rows_(buf: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round the fp32 [M, V] `buf` (unit column stride) to the 16-bit `dtype` into the first half of each row's own
+    storage and return that [M, V] view (row stride 2 * buf.stride(0), unit column stride).
 
-    For fp32/fp64 buffers every step is in place (no temporary of the chunk's size)."""
+    Columns [v0, v1) land on bytes [2 v0, 2 v1) of the row, which held fp32 columns [v0 / 2, v1 / 2): with blocks
+    that at most double (v1 <= 2 v0) those are all already converted, and source and destination never overlap.
+    The first block goes through a small copy."""
+    M, V = buf.shape
+    if buf.stride(1) != 1:  # V == 1: any column stride is unit
+        buf = buf.as_strided((M, V), (buf.stride(0), 1))
+    out = buf.view(dtype)[:, :V]
+    first = min(V, 256)
+    out[:, :first].copy_(buf[:, :first].to(dtype))
+    v0 = first
+    while v0 < V:
+        v1 = min(V, 2 * v0)
+        out[:, v0:v1].copy_(buf[:, v0:v1])
+        v0 = v1
+    return out
+
+
+def chunk_dlogits_(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, temperature: float,
+                   entropy: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """In place: logits <- dL/d(raw logits) = [g (onehot(target) - p) - e p (log p + H)] / T with p the softmax of
+    logits / T, g = grad, and the e-term only when grad_entropy (e) is given (entropy H from chunk_stats then).
+
+    Returns the result: `logits` itself, or with a 16-bit `out_dtype` and an fp32 buffer the strided 16-bit view
+    written over the first half of each row (pack_rows_). For fp32/fp64 buffers without the entropy term every
+    step is in place; the entropy term needs one temporary of the chunk's size."""
     acc = _acc_dtype(logits.dtype)
     p = logits if logits.dtype == acc else logits.to(acc)
     if temperature != 1.0:
         p.mul_(1.0 / temperature)
     scale = (grad.to(acc) / temperature).unsqueeze(1)
-    p.sub_(lse.to(acc).unsqueeze(1)).exp_().mul_(-scale)
+    p.sub_(lse.to(acc).unsqueeze(1))  # log p
+    if grad_entropy is None:
+        p.exp_().mul_(-scale)
+    else:
+        e = (grad_entropy.to(acc) / temperature).unsqueeze(1)
+        prob = p.exp()
+        p.add_(entropy.to(acc).unsqueeze(1)).mul_(e).add_(scale).mul_(prob).neg_()  # -p (g + e (log p + H)) / T
+        del prob
     p.scatter_add_(1, targets.long().unsqueeze(1), scale)
     if p is not logits:
         logits.copy_(p)
+    if out_dtype is not None and out_dtype != logits.dtype:
+        return pack_rows_(logits, out_dtype)
+    return logits
 
+
+# ------------------------------------------------------------------------------------------- fused strategy
 
 def _logits_tile(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int) -> Tensor:
-    w = weight[v0:v1]
-    if bias is None:
-        return hidden @ w.T
-    return torch.addmm(bias[v0:v1], hidden, w.T)
+    return linear_fp32(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
 
 
 def fused_linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
                        return_entropy: bool):
-    """Vocabulary-tiled forward with an online logsumexp: never holds more than one M x tile block of logits."""
+    """Vocabulary-tiled forward with an online logsumexp: never holds more than one M x tile block of logits.
+    The entropy sum is kept relative to the running max (a = sum_v e^{z_v - m} (z_v - m)), which avoids the
+    cancellation of lse - E_p[z] for |z| ~ 1e3: entropy = log s - a / s."""
     M, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     tgt = targets.long()
     run_max = torch.full((M,), float("-inf"), dtype=acc, device=hidden.device)
     run_sum = torch.zeros(M, dtype=acc, device=hidden.device)
-    run_pz = torch.zeros(M, dtype=acc, device=hidden.device)  # sum_v exp(z_v - max) * z_v
+    run_a = torch.zeros(M, dtype=acc, device=hidden.device)
     target_z = torch.zeros(M, dtype=acc, device=hidden.device)
     tile = _vocab_tile(M, V)
     for v0 in range(0, V, tile):
         v1 = min(V, v0 + tile)
-        z = _logits_tile(hidden, weight, bias, v0, v1).to(acc) / temperature
+        z = _logits_tile(hidden, weight, bias, v0, v1)
+        if temperature != 1.0:
+            z.mul_(1.0 / temperature)
         new_max = torch.maximum(run_max, z.max(dim=1).values)
+        shift = torch.nan_to_num(run_max - new_max, nan=0.0, neginf=0.0)  # first tile: run_sum = run_a = 0
         scale = torch.exp(run_max - new_max)
-        e = torch.exp(z - new_max.unsqueeze(1))
-        run_sum = run_sum * scale + e.sum(1)
-        if return_entropy:
-            run_pz = run_pz * scale + (e * z).sum(1)
-        run_max = new_max
         in_tile = (tgt >= v0) & (tgt < v1)
         picked = z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
         target_z = torch.where(in_tile, picked, target_z)
-    lse = run_max + torch.log(run_sum)
-    entropy = lse - run_pz / run_sum if return_entropy else None
+        d = z.sub_(new_max.unsqueeze(1))
+        e = torch.exp(d)
+        if return_entropy:
+            run_a = scale * (run_a + shift * run_sum) + (e * d).sum(1)
+        run_sum = run_sum * scale + e.sum(1)
+        run_max = new_max
+    log_s = torch.log(run_sum)
+    lse = run_max + log_s
+    entropy = log_s - run_a / run_sum if return_entropy else None
     return lse, target_z - lse, entropy
 
 
 def fused_linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
-                          grad: Tensor, temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool):
-    """Recompute logits tile by tile and accumulate d_hidden (hidden's dtype), d_weight and d_bias (fp32)."""
+                          grad: Tensor, temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+                          entropy: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None):
+    """Recompute fp32 logits tile by tile; dL/dlogits as in chunk_dlogits_ (entropy term only with grad_entropy),
+    rounded to the input dtype as the GEMM operand; d_hidden (hidden's dtype), d_weight and d_bias (fp32) summed in
+    fp32."""
     M, H = hidden.shape
     V = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     d_hidden = torch.zeros(M, H, dtype=acc, device=hidden.device) if need_hidden else None
     d_weight = torch.zeros(V, H, dtype=acc, device=hidden.device) if need_weight else None
     d_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_bias else None
-    tgt = targets.long()
     tile = _vocab_tile(M, V)
     for v0 in range(0, V, tile):
         v1 = min(V, v0 + tile)
-        dz = _logits_tile(hidden, weight, bias, v0, v1)
-        shifted = tgt - v0
-        in_tile = (shifted >= 0) & (shifted < v1 - v0)
-        local = torch.where(in_tile, shifted, torch.zeros_like(shifted))
-        p = torch.exp(dz.to(acc) / temperature - lse.to(acc).unsqueeze(1))
-        p.neg_().scatter_add_(1, local.unsqueeze(1), in_tile.to(acc).unsqueeze(1))
-        p.mul_((grad.to(acc) / temperature).unsqueeze(1))
-        dz = p.to(hidden.dtype)
-        if need_hidden:
-            d_hidden += (dz @ weight[v0:v1]).to(acc)
-        if need_weight:
-            d_weight[v0:v1] += (dz.T @ hidden).to(acc)
+        z = _logits_tile(hidden, weight, bias, v0, v1)
+        local = targets.long() - v0
+        in_tile = (local >= 0) & (local < v1 - v0)
+        # chunk_dlogits_ with a tile's columns: the one-hot lands only on rows whose target is in the tile
+        tile_grad = grad.to(acc)
+        dz = z
+        dz.mul_(1.0 / temperature).sub_(lse.to(acc).unsqueeze(1))
+        scale = (tile_grad / temperature).unsqueeze(1)
+        if grad_entropy is None:
+            dz.exp_().mul_(-scale)
+        else:
+            prob = dz.exp()
+            dz.add_(entropy.to(acc).unsqueeze(1)).mul_((grad_entropy.to(acc) / temperature).unsqueeze(1))
+            dz.add_(scale).mul_(prob).neg_()
+            del prob
+        dz.scatter_add_(1, torch.where(in_tile, local, 0).unsqueeze(1), (scale * in_tile.unsqueeze(1)))
         if need_bias:
-            d_bias[v0:v1] += p.sum(0)
+            d_bias[v0:v1] += dz.sum(0)
+        op = dz.to(hidden.dtype)
+        if need_hidden:
+            gemm_into(d_hidden, op, weight[v0:v1], accumulate=True)
+        if need_weight:
+            gemm_into(d_weight[v0:v1], op.T, hidden, accumulate=True)
     if d_hidden is not None:
         d_hidden = d_hidden.to(hidden.dtype)
     return d_hidden, d_weight, d_bias

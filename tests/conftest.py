@@ -141,8 +141,9 @@ def compare_metrics(metrics, expected, tol, label=""):
 
 def compare_bf16_run(problem, opts, run_opts, label=""):
     """bf16 run against float64, within DESIGN's 1e-2 or twice what rounding the logits to bf16 once costs on this
-    very problem, whichever is larger (the chunked strategy holds bf16 logits, as TRL's and Liger's bf16 paths
-    do). Checks the loss is fp32 and the grads bf16. Returns a list of failure strings."""
+    very problem, whichever is larger (our logits are fp32, but dL/dlogits is a bf16 GEMM operand; TRL's and
+    Liger's bf16 paths round the logits themselves). Checks the loss is fp32 and the grads bf16. Returns a list of
+    failure strings."""
     e_loss, e_metrics, e_grads = oracle.oracle_run(problem, **opts)  # float64 on the problem's device
     r_loss, _, r_grads = oracle.oracle_run(problem, logit_dtype=torch.bfloat16, **opts)
     loss, metrics, grads = package_run(problem, **opts, **run_opts)

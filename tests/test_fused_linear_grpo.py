@@ -556,3 +556,25 @@ def test_ref_model_ignored_when_beta_is_zero():
     for strategy in STRATEGIES:
         fails = compare_run(p, {}, dict(backend="torch", strategy=strategy), expected, tol=1e-4, metric_tol=1e-5)
         assert not fails, "\n".join(fails)
+
+
+# ------------------------------------------------------------------------------------------------- fp16 + scaler
+@pytest.mark.parametrize("backend,strategy", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_fp16_small_gradients_survive_grad_scaler(backend, strategy, chunk_size):
+    """fp16 inputs, tiny per-token weights (num_items_in_batch = 2e5) and a GradScaler-like grad_output of 2**16.
+    Unscaled, dL/dlogits (~1e-8) and the gradients (~1e-7) are below fp16's normal range (6e-5): made in the
+    forward with grad_output = 1 and stored in fp16 they underflow (zeros / a few subnormal bits) before the
+    factor applies. Scaled gradients must match float64 * 2**16 to fp16 precision."""
+    p = oracle.make_problem(B=3, T=6, H=32, V=45, seed=71, dtype=torch.float16, bias=True, ref="given")
+    p["num_items_in_batch"] = 200000
+    opts = dict(loss_type="dapo", beta=0.05, temperature=0.9)
+    _, _, e_grads = oracle.oracle_run(p, **opts)
+    scale = 2.0 ** 16
+    _, _, grads = package_run(p, grad_output=scale, backend=backend, strategy=strategy, chunk_size=chunk_size,
+                              **opts)
+    for k, e in e_grads.items():
+        assert grads[k].dtype == torch.float16, k
+        assert e.abs().max() * scale > 6e-5  # the scaled gradient is a normal fp16 number...
+        assert e.abs().max() < 6e-5  # ...the unscaled one is not
+        assert rel_err(grads[k], e * scale) < 1e-2, k

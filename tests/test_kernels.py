@@ -160,6 +160,7 @@ def test_chunk_stats_argument_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunk_dlogits_in_place(dtype, temperature):
+    """No out_dtype: the result overwrites the buffer in its own dtype and the buffer is returned."""
     m, v = 13, 150
     gen = torch.Generator().manual_seed(5)
     logits = (torch.randn(m, v, generator=gen) * 2).to(dtype).to(DEVICE)
@@ -169,12 +170,87 @@ def test_chunk_dlogits_in_place(dtype, temperature):
     lse, _, _ = chunk_stats(logits, targets, temperature, False)
     buf = logits.clone()
     ptr = buf.data_ptr()
-    assert chunk_dlogits_(buf, targets, lse, grad, temperature) is None
-    assert buf.data_ptr() == ptr and buf.dtype == dtype and buf.shape == (m, v)
+    out = chunk_dlogits_(buf, targets, lse, grad, temperature)
+    assert out is buf and buf.data_ptr() == ptr and buf.dtype == dtype and buf.shape == (m, v)
     assert_close(buf, ref, dtype, "dlogits")
     zero_rows = grad == 0
     assert (buf[zero_rows] == 0).all()
     assert (buf[~zero_rows] != 0).any(dim=1).all()
+
+
+def ref_dz_entropy(logits64, targets, grad, grad_ent, temperature):
+    """dL/d(raw logits) of sum(g * logp + e * entropy) by float64 autograd (not the closed form under test)."""
+    z = logits64.detach().clone().requires_grad_(True)
+    logsm = torch.log_softmax(z / temperature, dim=1)
+    logp = logsm.gather(1, targets.long()[:, None]).squeeze(1)
+    ent = -(logsm.exp() * logsm).sum(1)
+    ((logp * grad.double()).sum() + (ent * grad_ent.double()).sum()).backward()
+    return z.grad
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("m,v", [(13, 150), (5, 37), (3, 2)])
+def test_chunk_dlogits_packed_16bit_over_fp32_rows(out_dtype, temperature, m, v):
+    """fp32 buffer, 16-bit out_dtype: the result is written over the first half of each row's own storage (several
+    column tiles, so later tiles land on columns already read) and returned as a row-strided view; it equals the
+    fp32 result rounded once."""
+    gen = torch.Generator().manual_seed(m * v)
+    logits = (torch.randn(m, v, generator=gen) * 3).to(DEVICE)
+    targets = torch.randint(0, v, (m,), generator=gen).to(DEVICE)
+    grad = make_grad(m)
+    lse, _, _ = chunk_stats(logits, targets, temperature, False)
+    expected = chunk_dlogits_(logits.clone(), targets, lse, grad, temperature)  # fp32 result
+    buf = logits.clone()
+    out = chunk_dlogits_(buf, targets, lse, grad, temperature, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (m, v) and out.stride() == (2 * v, 1)
+    assert out.data_ptr() == buf.data_ptr()
+    if IS_INTERPRETER and out_dtype == torch.bfloat16:
+        # known interpreter quirk: its fp32 -> bf16 cast truncates (the GPU rounds to nearest even)
+        rounded = (expected.view(torch.int32) & -65536).view(torch.float32)
+    else:
+        rounded = expected.to(out_dtype).float()
+    assert torch.equal(out.float(), rounded)
+    assert_close(out, ref_dz(logits.double(), targets, grad, temperature), out_dtype, "packed dlogits")
+
+
+def test_chunk_dlogits_packed_row_strided_view():
+    big = torch.randn(10, 300).to(DEVICE)
+    view = big[2:9, :250]  # rows longer than V: the packed rows keep the view's row pitch
+    targets = torch.randint(0, 250, (7,)).to(DEVICE)
+    grad = torch.randn(7).to(DEVICE)
+    ref = ref_dz(view.double(), targets, grad, 1.0)
+    lse, _, _ = chunk_stats(view, targets, 1.0, False)
+    untouched = big[:, 250:].clone()
+    out = chunk_dlogits_(view, targets, lse, grad, 1.0, out_dtype=torch.bfloat16)
+    assert out.stride() == (600, 1)
+    assert_close(out, ref, torch.bfloat16, "packed dlogits")
+    assert torch.equal(big[:, 250:], untouched)
+    with pytest.raises(ValueError, match="out_dtype"):
+        chunk_dlogits_(view.to(torch.bfloat16), targets, lse, grad, 1.0, out_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_chunk_dlogits_with_entropy_gradient(out_dtype, temperature):
+    """g (onehot - p) - e p (log p + H), divided by T, against float64 autograd through log_softmax."""
+    m, v = 11, 140
+    gen = torch.Generator().manual_seed(8)
+    logits = (torch.randn(m, v, generator=gen) * 2).to(DEVICE)
+    targets = torch.randint(0, v, (m,), generator=gen).to(DEVICE)
+    grad = make_grad(m)
+    g_ent = torch.randn(m, generator=gen).to(DEVICE)
+    g_ent[1::4] = 0.0
+    g_ent[0] = 0.0  # row 0: both zero (make_grad zeroes rows 0, 3, 6, 9)
+    lse, _, ent = chunk_stats(logits, targets, temperature, True)
+    out = chunk_dlogits_(logits.clone(), targets, lse, grad, temperature, entropy=ent, grad_entropy=g_ent,
+                         out_dtype=out_dtype)
+    ref = ref_dz_entropy(logits.double().cpu(), targets.cpu(), grad.cpu(), g_ent.cpu(), temperature)
+    assert_close(out, ref, out_dtype or torch.float32, "dlogits with entropy")
+    assert (out[0] == 0).all()
+    assert (out[3] != 0).any()  # grad 0 but an entropy gradient: a live row
+    with pytest.raises(ValueError, match="entropy"):
+        chunk_dlogits_(logits.clone(), targets, lse, grad, 1.0, grad_entropy=g_ent)
 
 
 def test_chunk_dlogits_zero_grad_rows_ignore_lse():
@@ -210,7 +286,7 @@ def test_chunk_dlogits_strided_buffer_and_errors():
         chunk_dlogits_(view, targets, lse, grad[:3], 1.0)
     with pytest.raises(ValueError, match="lse"):
         chunk_dlogits_(view, targets, lse[:, None], grad, 1.0)
-    chunk_dlogits_(big[:0], targets[:0], lse[:0], grad[:0], 1.0)  # M == 0: nothing to do
+    assert chunk_dlogits_(big[:0], targets[:0], lse[:0], grad[:0], 1.0).shape == (0, 64)  # M == 0: nothing to do
 
 
 # ----------------------------------------------------------------------------------------- fused_linear_stats
@@ -311,6 +387,28 @@ def test_fused_linear_backward_matches_float64(dtype, bias, temperature):
     assert (dh[grad == 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_linear_backward_with_entropy_gradient(dtype, temperature):
+    m, v, h = 21, 70, 40
+    hid, w, b, t = make_linear(m, v, h, dtype, True, scale=2.0)
+    grad = make_grad(m)
+    gen = torch.Generator().manual_seed(9)
+    g_ent = torch.randn(m, generator=gen).to(DEVICE)
+    g_ent[::5] = 0.0
+    lse, _, ent = fused_linear_stats(hid, w, b, t, temperature, True)
+    dh, dw, db = fused_linear_backward(hid, w, b, t, lse, grad, temperature, True, True, True, entropy=ent,
+                                       grad_entropy=g_ent)
+    dz = ref_dz_entropy(linear_logits64(hid, w, b).cpu(), t.cpu(), grad.cpu(), g_ent.cpu(), temperature)
+    assert_close(dh, dz @ w.double().cpu(), dtype, "d_hidden")
+    assert_close(dw, dz.T @ hid.double().cpu(), dtype, "d_weight")
+    assert_close(db, dz.sum(0), dtype, "d_bias")
+    both_zero = (grad == 0) & (g_ent == 0)
+    assert both_zero.any() and (dh[both_zero] == 0).all()
+    with pytest.raises(ValueError, match="entropy"):
+        fused_linear_backward(hid, w, b, t, lse, grad, temperature, True, True, True, grad_entropy=g_ent)
+
+
 def test_fused_linear_backward_flags_and_grad_zero_rows():
     m, v, h = 7, 37, 24
     hid, w, b, t = make_linear(m, v, h, torch.float32, True)
@@ -365,7 +463,7 @@ DIV16 = {"H", "stride_hm", "stride_wv", "stride_row"}  # what a launch with alig
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 def arg_type(name, dt):
-    if name in ("h_ptr", "w_ptr", "b_ptr", "logits_ptr"):
+    if name in ("h_ptr", "w_ptr", "b_ptr", "out_ptr"):  # the chunk's logits buffer (logits_ptr) is fp32 always
         return "*" + TY[dt]
     if name in ("t_ptr", "targets_ptr"):
         return "*i64"
@@ -391,11 +489,15 @@ def build(fn, dt, consts):
 for dt in (torch.bfloat16, torch.float32):
     cfg = ce._config(128256)
     build(ce._chunk_stats_kernel, dt, dict(WITH_ENTROPY=True, **cfg))
-    build(ce._chunk_dlogits_kernel, dt, cfg)
+    build(ce._chunk_dlogits_kernel, dt, dict(WITH_ENTROPY_GRAD=True, PACKED=dt != torch.float32, **cfg))
     build(ff._fused_stats_kernel, dt, dict(HAS_BIAS=True, WITH_ENTROPY=True, SINGLE_SPLIT=False, DOT_FP32=DOT_FP32,
                                            PRECISION=dot_precision(dt), **ff._config(dt)))
-    build(fb._fused_backward_kernel, dt, dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True, DOT_FP32=DOT_FP32,
-                                              PRECISION=dot_precision(dt), **fb._config(dt)))
+    build(fb._fused_backward_kernel, dt, dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True,
+                                              WITH_ENTROPY_GRAD=False, DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt),
+                                              **fb._config(dt)))
+    build(fb._fused_backward_kernel, dt, dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True,
+                                              WITH_ENTROPY_GRAD=True, DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt),
+                                              **fb._config(dt, True)))
 build(ff._combine_kernel, torch.float32, dict(WITH_ENTROPY=True, BLOCK_M=256, num_warps=4))
 """
 
@@ -412,11 +514,11 @@ def test_kernels_compile_for_sm90_with_tensor_cores():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 9
+    assert len(rows) == 11
     if not all(r["sass"] for r in rows):
         pytest.skip("cuobjdump missing: compiled, SASS not checked")
     fused_bf16 = [r for r in rows if r["dtype"] == "bf16" and r["kernel"].startswith("_fused")]
-    assert len(fused_bf16) == 2 and all(r["hgmma"] for r in fused_bf16), rows
+    assert len(fused_bf16) == 3 and all(r["hgmma"] for r in fused_bf16), rows
     spilled = [r["kernel"] + "/" + r["dtype"] for r in rows if r["local_memory"]]
     if spilled:  # a performance problem, not a wrong result: flag it without failing
         warnings.warn(f"register spills (local memory) in {spilled}: revisit the block sizes for this Triton")
