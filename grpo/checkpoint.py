@@ -2,6 +2,7 @@
 
 `<output_dir>/checkpoint-<step>/` holds
     model (save_pretrained, safetensors) + tokenizer      loadable by `grpo eval --model` and transformers
+      (with LoRA: adapter_model.safetensors + adapter_config.json only; `grpo eval` loads base + adapter)
     optimizer.pt, scheduler.pt                            optimizer / LR-scheduler state
     rng_state.pt                                          python, numpy, torch (and CUDA) RNG states of every rank
     rollout_buffer.pt                                     only when a generation batch is still being consumed
@@ -162,7 +163,12 @@ def load(folder, model, optimizer, scheduler, rank: int) -> tuple[dict, dict | N
     """Restore model/optimizer/scheduler in place; returns (trainer_state, this rank's RNG state, rollout buffer)."""
     folder = Path(folder)
     state = json.loads((folder / STATE_FILE).read_text())
-    load_model_weights(model, folder)
+    from . import lora
+
+    if lora.is_peft(model):
+        lora.load_adapter_weights(model, folder)
+    else:
+        load_model_weights(model, folder)
     device = next(model.parameters()).device
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=False))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))

@@ -5,6 +5,8 @@
     grpo train run.yaml --learning_rate 2e-5 --reward_funcs gsm8k,format
     grpo train --resume_from_checkpoint latest --output_dir runs/default
     grpo eval --model runs/default/checkpoint-16 [--dataset arithmetic] [--eval_max_samples 48]
+    grpo train --use_peft --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear     LoRA (TRL's names)
+    grpo export --model runs/x/checkpoint-16 --output_dir merged/   merge a LoRA checkpoint into plain weights
 
 Any GRPOConfig field is a flag (`--name value` or `--name=value`, a bare `--flag` means true), parsed by the
 field's type ("none" → None, "true"/"false", comma lists, JSON). Run-level flags: --model, --dataset,
@@ -21,9 +23,11 @@ import time
 from pathlib import Path
 
 from .config import PRESET_RUNS, PRESETS, GRPOConfig
+from .model_config import ModelConfig
 
 RUN_KEYS = ("model", "dataset", "eval_dataset", "reward_funcs", "preset", "resume_from_checkpoint", "instruction")
 BOOL_RUN_KEYS = ("no_eval",)
+MODEL_KEYS = tuple(ModelConfig.field_names())  # LoRA flags, TRL's ModelConfig names
 USAGE = __doc__
 
 
@@ -52,7 +56,7 @@ CLI_REWARDS = {"toy": letter_a_reward}
 # Parsing
 # ----------------------------------------------------------------------------------------------------------------
 def _closest(name: str) -> str:
-    known = GRPOConfig.field_names() + list(RUN_KEYS) + list(BOOL_RUN_KEYS)
+    known = GRPOConfig.field_names() + list(RUN_KEYS) + list(BOOL_RUN_KEYS) + list(MODEL_KEYS)
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     return f" (did you mean --{close[0]}?)" if close else ""
 
@@ -67,7 +71,8 @@ def parse_flags(argv: list[str]) -> tuple[list[str], dict[str, str | bool]]:
             key = key.replace("-", "_")
             if not key:
                 raise SystemExit(f"grpo: empty flag {tok!r}")
-            if key not in GRPOConfig.field_names() and key not in RUN_KEYS and key not in BOOL_RUN_KEYS:
+            if (key not in GRPOConfig.field_names() and key not in RUN_KEYS and key not in BOOL_RUN_KEYS
+                    and key not in MODEL_KEYS):
                 raise SystemExit(f"grpo: unknown flag --{key}{_closest(key)}")
             if not eq:
                 if i + 1 < len(argv) and not argv[i + 1].startswith("--") and key not in BOOL_RUN_KEYS:
@@ -91,7 +96,8 @@ def _load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise SystemExit(f"grpo: {path} must hold a mapping of GRPOConfig fields, got {type(data).__name__}")
     for key in data:
-        if key not in GRPOConfig.field_names() and key not in RUN_KEYS and key not in BOOL_RUN_KEYS:
+        if (key not in GRPOConfig.field_names() and key not in RUN_KEYS and key not in BOOL_RUN_KEYS
+                and key not in MODEL_KEYS):
             raise SystemExit(f"grpo: unknown key {key!r} in {path}{_closest(str(key))}")
     return data
 
@@ -109,9 +115,12 @@ def build_run(argv: list[str]) -> tuple[GRPOConfig, dict]:
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     fields = dict(PRESETS[preset])
     run = {"no_eval": False, **PRESET_RUNS.get(preset, {}), "preset": preset}
+    model_flags = {}
     for source in (from_yaml, flags):
         for key, value in source.items():
-            if key in RUN_KEYS or key in BOOL_RUN_KEYS:
+            if key in MODEL_KEYS:
+                model_flags[key] = value
+            elif key in RUN_KEYS or key in BOOL_RUN_KEYS:
                 run[key] = value
             else:
                 try:
@@ -124,6 +133,7 @@ def build_run(argv: list[str]) -> tuple[GRPOConfig, dict]:
         run["reward_funcs"] = [x.strip() for x in run["reward_funcs"].split(",") if x.strip()]
     try:
         config = GRPOConfig.from_dict(fields)
+        run["model_config"] = ModelConfig.from_flags(model_flags)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"grpo: invalid configuration: {e}") from None
     return config, run
@@ -172,8 +182,11 @@ def cmd_train(argv: list[str]) -> dict:
     config, run = build_run(argv)
     train_rows = load_rows(run.get("dataset") or "arithmetic", "train", config, run.get("instruction"))
     eval_rows = None if run["no_eval"] else eval_rows_for(run, config)
+    from .model_config import get_peft_config
+
     trainer = GRPOTrainer(run.get("model") or "smollm2-135m-instruct", reward_funcs_for(run), args=config,
-                          train_dataset=train_rows, eval_dataset=eval_rows)
+                          train_dataset=train_rows, eval_dataset=eval_rows,
+                          peft_config=get_peft_config(run["model_config"]))
     main = trainer.dist.is_main
     if main:
         print(f"[grpo] preset={run['preset']} model={run.get('model')} dataset={run.get('dataset')} "
@@ -235,6 +248,18 @@ def cmd_eval(argv: list[str]) -> dict:
     return metrics
 
 
+def cmd_export(argv: list[str]) -> str:
+    """Merge a LoRA checkpoint's adapter into its base model and save a plain save_pretrained folder."""
+    from . import lora
+
+    _, flags = parse_flags(argv)
+    if not flags.get("model") or not flags.get("output_dir"):
+        raise SystemExit("grpo export: --model LORA_CHECKPOINT and --output_dir DIR are required")
+    out = lora.export_merged(str(flags["model"]), str(flags["output_dir"]))
+    print(f"[grpo] merged adapter of {flags['model']} into {out}", flush=True)
+    return str(out)
+
+
 def _eval_line(m: dict) -> str:
     rewards = " ".join(f"{k.split('/')[-2]}={v:.3f}" for k, v in m.items() if k.startswith("eval/rewards/"))
     return (f"accuracy={m['eval/accuracy']:.3f} on {int(m['eval/num_samples'])} held-out problems "
@@ -251,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd_train(rest)
     elif command == "eval":
         cmd_eval(rest)
+    elif command == "export":
+        cmd_export(rest)
     else:
-        close = difflib.get_close_matches(command, ["train", "eval"], n=1)
-        raise SystemExit(f"grpo: unknown command {command!r}; use 'train' or 'eval'"
+        close = difflib.get_close_matches(command, ["train", "eval", "export"], n=1)
+        raise SystemExit(f"grpo: unknown command {command!r}; use 'train', 'eval' or 'export'"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     return 0
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from . import advantages as adv_lib
-from . import checkpoint, distributed, rollout, scoring, update
+from . import checkpoint, distributed, lora, rollout, scoring, update
 from . import evaluate as eval_lib
 from . import model as model_lib
 from .config import GRPOConfig
@@ -39,7 +40,7 @@ from .logger import MetricsLogger, plot_reward_curve
 
 class GRPOTrainer:
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, reward_processing_classes=None):
+                 processing_class=None, reward_processing_classes=None, peft_config=None):
         self.args = args = args if args is not None else GRPOConfig()
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a grpo.GRPOConfig, got {type(args).__name__}")
@@ -53,11 +54,12 @@ class GRPOTrainer:
                 "WORLD_SIZE is set (torchrun sets it)"
             )
 
-        # Policy (fp32 master weights), tokenizer, frozen reference copy when the KL term is on.
-        self.model, self.tokenizer = self._load_policy(model, processing_class)
+        # Policy (fp32 master weights; LoRA adapters with peft_config), tokenizer, frozen reference copy when the
+        # KL term is on (with LoRA the reference is the same model with its adapters disabled: no copy).
+        self.model, self.tokenizer = self._load_policy(model, processing_class, peft_config)
         update.check_supported(self.model, args)
         self.ref_model = None
-        if args.beta != 0.0:
+        if args.beta != 0.0 and peft_config is None:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
         # Rewards.
@@ -152,6 +154,9 @@ class GRPOTrainer:
                         batch.old_logps = update.per_token_logps(self.model, batch, args)
                     if self.ref_model is not None:
                         batch.ref_logps = update.per_token_logps(self.ref_model, batch, args)
+                    elif args.beta != 0.0:  # LoRA: the base model is the reference
+                        with lora.adapters_disabled(self.model):
+                            batch.ref_logps = update.per_token_logps(self.model, batch, args)
                     self.buffer = batch.split(spg)
                     times["time/update"] += time.perf_counter() - t0
 
@@ -305,8 +310,12 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------------------------
     # Setup helpers
     # ------------------------------------------------------------------------------------------------------------
-    def _load_policy(self, model, processing_class):
+    def _load_policy(self, model, processing_class, peft_config=None):
         args, device = self.args, self.dist.device
+        # Recorded in a LoRA checkpoint's adapter_config.json, so that `grpo eval` finds the base model.
+        base_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        if base_name and Path(base_name).exists():
+            base_name = str(Path(base_name).resolve())
         if isinstance(model, str):
             attn = args.attn_implementation
             if attn is None and device.type == "cuda" and _flash_attn_installed():
@@ -322,6 +331,8 @@ class GRPOTrainer:
             tokenizer = processing_class
         model_lib.prepare_tokenizer(tokenizer)
         model = model.to(device)
+        if peft_config is not None:  # before disable_dropout, which then also zeroes the LoRA dropout (as TRL)
+            model = lora.apply(model, peft_config, base_name_or_path=base_name)
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
