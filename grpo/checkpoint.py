@@ -108,7 +108,12 @@ def save(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of the training log
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        from . import lora
+
+        if lora.is_peft(model):
+            lora.save_adapter(model, tmp)  # the adapter only, not the base weights
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -39,8 +39,11 @@ def _head_name(model) -> str | None:
     return None
 
 
-def apply(model, peft_config, base_name_or_path: str | None = None):
-    """The policy with LoRA adapters injected (peft.get_peft_model); only the adapters require grad."""
+def apply(model, peft_config, base_name_or_path: str | None = None, seed: int = 0):
+    """The policy with LoRA adapters injected (peft.get_peft_model); only the adapters require grad.
+
+    The adapters' random init (A) is drawn from `seed` so that every rank of a data-parallel run starts from the
+    same adapter (the base weights already agree) and a run is reproducible whatever ran before it."""
     peft = _peft()
     if not isinstance(peft_config, peft.LoraConfig):
         raise TypeError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}")
@@ -57,7 +60,12 @@ def apply(model, peft_config, base_name_or_path: str | None = None):
                 "directly and would ignore an adapter or a trained copy of it. Leave the head out ('all-linear' "
                 "already does)."
             )
-    wrapped = peft.get_peft_model(model, peft_config)
+    import torch
+
+    devices = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        wrapped = peft.get_peft_model(model, peft_config)
     if base_name_or_path:  # peft takes the model's own (often empty) name_or_path; `grpo eval` needs the real one
         wrapped.peft_config[wrapped.active_adapter].base_model_name_or_path = str(base_name_or_path)
     # A regex target or an architecture default might still reach the head: check what peft actually built.
@@ -77,7 +85,8 @@ def adapters_disabled(model):
 
 def save_adapter(model, folder) -> None:
     """adapter_model.safetensors + adapter_config.json (the base weights are not written)."""
-    model.save_pretrained(str(folder), safe_serialization=True)
+    # save_embedding_layers=False: we never resize the vocabulary, and "auto" would look the base model up on the hub.
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
 
 
 def load_adapter_weights(model, folder) -> None:

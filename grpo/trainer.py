@@ -332,7 +332,7 @@ class GRPOTrainer:
         model_lib.prepare_tokenizer(tokenizer)
         model = model.to(device)
         if peft_config is not None:  # before disable_dropout, which then also zeroes the LoRA dropout (as TRL)
-            model = lora.apply(model, peft_config, base_name_or_path=base_name)
+            model = lora.apply(model, peft_config, base_name_or_path=base_name, seed=args.seed)
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
