@@ -83,10 +83,11 @@ def adapters_disabled(model):
     return model.disable_adapter()
 
 
-def save_adapter(model, folder) -> None:
-    """adapter_model.safetensors + adapter_config.json (the base weights are not written)."""
+def save_adapter(model, folder, state_dict: dict | None = None) -> None:
+    """adapter_model.safetensors + adapter_config.json (the base weights are not written). `state_dict`: the
+    model's (gathered) state when its own parameters are sharded."""
     # save_embedding_layers=False: we never resize the vocabulary, and "auto" would look the base model up on the hub.
-    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
 
 
 def load_adapter_weights(model, folder) -> None:

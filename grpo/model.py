@@ -242,6 +242,17 @@ def _load(name_or_path: str, kwargs: dict, attn_implementation: str | None, seed
         model, tokenizer = lora.load_with_adapter(folder, lambda base: _load(base, kwargs, attn_implementation, seed))
         if (folder / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif (folder / "dcp").is_dir() and not list(folder.glob("*.safetensors")):
+        # An intermediate checkpoint of an FSDP run: the weights exist only as DCP shards; read them in one process.
+        from transformers import AutoConfig
+
+        from .checkpoint import load_sharded_weights
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"] if kwargs["dtype"] != "auto"
+                                                 else torch.float32)
+        load_sharded_weights(model, folder)
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)

@@ -173,10 +173,8 @@ def loss_multiplier(args, world_size: int) -> float:
     return 1.0 / args.gradient_accumulation_steps
 
 
-def micro_step(model, loss_fn, mb, args, world_size: int) -> tuple[float, dict[str, tuple[float, float]]]:
-    """Forward + backward on one micro-batch; returns (its scaled loss, {metric: (sum, count)}) for logging.
-
-    Metrics come back as sums and counts so that the caller can form TRL's global masked means across ranks."""
+def micro_loss(model, loss_fn, mb, args, world_size: int):
+    """(scaled loss, metrics) of one micro-batch, before backward."""
     with autocast(model, args.bf16):
         hidden = completion_hidden(model, mb)
     weight, bias = _head_for(hidden, model)
@@ -187,7 +185,19 @@ def micro_step(model, loss_fn, mb, args, world_size: int) -> tuple[float, dict[s
         hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
         ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
     )
-    loss = loss * loss_multiplier(args, world_size)
+    return loss * loss_multiplier(args, world_size), metrics
+
+
+def micro_step(model, loss_fn, mb, args, world_size: int, run=None) -> tuple[float, dict[str, tuple[float, float]]]:
+    """Forward + backward on one micro-batch; returns (its scaled loss, {metric: (sum, count)}) for logging.
+
+    `run(fn, *args)` calls `fn(model, *args)` inside a wrapper's forward (FSDP2's root, see fsdp.py), so that
+    the backward starts from what that forward returned. Metrics come back as sums and counts so that the caller
+    can form TRL's global masked means across ranks."""
+    if run is None:
+        loss, metrics = micro_loss(model, loss_fn, mb, args, world_size)
+    else:
+        loss, metrics = run(micro_loss, loss_fn, mb, args, world_size)
     loss.backward()
 
     tokens = float(mb.completion_mask.sum())

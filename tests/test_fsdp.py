@@ -1,0 +1,115 @@
+"""FSDP2 (fsdp="full_shard") on 2 gloo processes: the same steps as one unsharded process on the same global
+batch, DCP checkpoints that resume exactly at the same world size and reshard to another one, and a final
+save_pretrained folder that transformers and `grpo eval` load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import test_trainer as tt
+from grpo import checkpoint, distributed
+from grpo.config import GRPOConfig
+from grpo.model import load_model
+from test_distributed import _free_port
+
+# Global generation batch: 8 completions (2 groups of 4) whatever the world size; gas=2 micro-batches per step;
+# beta != 0 so the sharded reference model is exercised too. fake_generate makes the data independent of the RNG.
+COMMON = dict(loss_type="dapo", learning_rate=1e-2, adam_epsilon=1e-3, beta=0.05, gradient_accumulation_steps=2,
+              steps_per_generation=2, num_generations=4, max_steps=2, save_steps=1)
+# Not kl/entropy: they are logged as a mean of per-micro-batch means, which depends on how completions are grouped.
+COMPARED = ("loss", "grad_norm", "reward", "reward_std", "num_tokens", "completions/mean_length")
+
+
+def _fsdp_worker(rank, world, port, out_dir, overrides, resume):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = tt.make_trainer(out_dir, fsdp="full_shard", **overrides)  # built after WORLD_SIZE is set
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        distributed.destroy(trainer.dist)
+
+
+def _spawn(world, out_dir, resume=None):
+    overrides = dict(COMMON, per_device_train_batch_size=8 // (world * COMMON["steps_per_generation"]))
+    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out_dir), overrides, resume), nprocs=world, join=True)
+
+
+def _rows(path):
+    return {r["step"]: r for r in tt.read_rows(path / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One unsharded single-process run and one 2-process FSDP run of the same 2 steps, checkpoint every step."""
+    root = tmp_path_factory.mktemp("fsdp")
+    single = tt.make_trainer(root / "single", per_device_train_batch_size=4, **COMMON)
+    single.train()
+    _spawn(2, root / "fsdp")
+    return root
+
+
+@pytest.mark.slow
+def test_fsdp_steps_equal_one_unsharded_process(runs):
+    want, got = _rows(runs / "single"), _rows(runs / "fsdp")
+    assert sorted(got) == [1, 2]
+    for step in (1, 2):
+        for key in COMPARED:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert got[1]["kl"] == pytest.approx(0.0, abs=1e-6) and got[2]["kl"] > 0  # the reference is the start
+
+    # The last checkpoint holds gathered save_pretrained weights beside the shards: transformers loads them.
+    final = runs / "fsdp" / "checkpoint-2"
+    assert (final / "model.safetensors").is_file() and (final / checkpoint.DCP_DIR / ".metadata").is_file()
+    from transformers import AutoModelForCausalLM
+
+    sharded_final = AutoModelForCausalLM.from_pretrained(final)
+    plain_final, _ = load_model(str(runs / "single" / "checkpoint-2"))
+    for (name, a), (_, b) in zip(sharded_final.named_parameters(), plain_final.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # An intermediate checkpoint has only shards; load_model (grpo eval) reads them in one process.
+    first = runs / "fsdp" / "checkpoint-1"
+    assert not (first / "model.safetensors").exists()
+    from_shards, _ = load_model(str(first))
+    plain_first, _ = load_model(str(runs / "single" / "checkpoint-1"))
+    for (name, a), (_, b) in zip(from_shards.named_parameters(), plain_first.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 1])
+def test_fsdp_resume_same_and_other_world_size(runs, tmp_path, world):
+    """Resume the 2-process run from checkpoint-1 with 2 processes (exact) or 1 (DCP reshards model + AdamW)."""
+    out = tmp_path / "resumed"
+    shutil.copytree(runs / "fsdp", out)
+    shutil.rmtree(out / "checkpoint-2")
+    _spawn(world, out, resume=str(out / "checkpoint-1"))
+    want, got = _rows(runs / "fsdp"), _rows(out)
+    assert sorted(got) == [1, 2]
+    rel = 1e-6 if world == 2 else 1e-5  # another world size sums in another order: fp32 noise
+    for key in COMPARED + (("kl", "entropy") if world == 2 else ()):
+        assert got[2][key] == pytest.approx(want[2][key], rel=rel, abs=1e-7), key
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == world and state["step"] == 2
+    from transformers import AutoModelForCausalLM
+
+    a_model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+    b_model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / "checkpoint-2")
+    for (name, a), (_, b) in zip(a_model.named_parameters(), b_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=rel, atol=1e-6, msg=name)
+
+
+def test_fsdp_option_is_validated(tmp_path):
+    assert GRPOConfig(output_dir=str(tmp_path), fsdp="full_shard auto_wrap").fsdp == "full_shard auto_wrap"
+    with pytest.raises(ValueError, match="only 'full_shard'"):
+        GRPOConfig(output_dir=str(tmp_path), fsdp="shard_grad_op")
+    with pytest.raises(NotImplementedError, match="offload"):
+        GRPOConfig(output_dir=str(tmp_path), fsdp="full_shard offload")
+    assert GRPOConfig.coerce_value("fsdp", "full_shard") == "full_shard"
