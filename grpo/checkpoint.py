@@ -192,13 +192,15 @@ def load(folder, model, optimizer, scheduler, rank: int) -> tuple[dict, dict | N
 DCP_DIR = "dcp"  # model + optimizer shards and DCP's metadata (global shapes, so a load may reshard)
 
 
-def _dcp_options(model):
+def _dcp_options(model, loading: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     from . import lora
 
-    # LoRA: the frozen base weights come from the base model at load; only the adapters are checkpointed.
-    return StateDictOptions(ignore_frozen_params=lora.is_peft(model))
+    # LoRA: the frozen base weights come from the base model at load; only the adapters are checkpointed (so
+    # loading is non-strict about the frozen keys, and load_sharded checks the trainable ones itself).
+    peft = lora.is_peft(model)
+    return StateDictOptions(ignore_frozen_params=peft, strict=not (peft and loading))
 
 
 def save_sharded(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
@@ -284,8 +286,13 @@ def load_sharded(folder, model, optimizer, scheduler, info) -> tuple[dict, dict 
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     target = {"model": model_state, "optimizer": optim_state}
     dcp.load(target, checkpoint_id=str(folder / DCP_DIR))
-    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"],
-                   options=options)
+    result = set_state_dict(model, optimizer, model_state_dict=target["model"],
+                            optim_state_dict=target["optimizer"], options=_dcp_options(model, loading=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in getattr(result, "missing_keys", []) if k in trainable]
+    if missing or getattr(result, "unexpected_keys", []):
+        raise RuntimeError(f"{folder} does not match the model: missing {missing}, "
+                           f"unexpected {list(result.unexpected_keys)}")
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     rng, buffer = None, None
     if same_world:

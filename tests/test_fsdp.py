@@ -26,20 +26,26 @@ COMMON = dict(loss_type="dapo", learning_rate=1e-2, adam_epsilon=1e-3, beta=0.05
 COMPARED = ("loss", "grad_norm", "reward", "reward_std", "num_tokens", "completions/mean_length")
 
 
-def _fsdp_worker(rank, world, port, out_dir, overrides, resume):
+def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = tt.make_trainer(out_dir, fsdp="full_shard", **overrides)  # built after WORLD_SIZE is set
+    if use_lora:
+        import test_lora
+
+        trainer = test_lora.make_lora_trainer(out_dir, fsdp="full_shard", **overrides)
+    else:
+        trainer = tt.make_trainer(out_dir, fsdp="full_shard", **overrides)  # built after WORLD_SIZE is set
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
         distributed.destroy(trainer.dist)
 
 
-def _spawn(world, out_dir, resume=None):
+def _spawn(world, out_dir, resume=None, use_lora=False):
     overrides = dict(COMMON, per_device_train_batch_size=8 // (world * COMMON["steps_per_generation"]))
-    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out_dir), overrides, resume), nprocs=world, join=True)
+    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out_dir), overrides, resume, use_lora), nprocs=world,
+             join=True)
 
 
 def _rows(path):
@@ -104,6 +110,42 @@ def test_fsdp_resume_same_and_other_world_size(runs, tmp_path, world):
     b_model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / "checkpoint-2")
     for (name, a), (_, b) in zip(a_model.named_parameters(), b_model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=rel, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_with_lora_equals_one_process_saves_the_adapter_and_resumes(tmp_path):
+    import test_lora
+    from safetensors.torch import load_file
+
+    single = test_lora.make_lora_trainer(tmp_path / "single", per_device_train_batch_size=4, **COMMON)
+    single.train()
+    _spawn(2, tmp_path / "fsdp", use_lora=True)
+    want, got = _rows(tmp_path / "single"), _rows(tmp_path / "fsdp")
+    for step in (1, 2):
+        for key in COMPARED:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert got[2]["kl"] > 0  # the reference (adapters disabled) differs from the trained policy
+    for step in (1, 2):
+        ckpt = tmp_path / "fsdp" / f"checkpoint-{step}"
+        assert not (ckpt / "model.safetensors").exists()  # adapters only, never the base weights
+        a = load_file(str(ckpt / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "single" / f"checkpoint-{step}" / "adapter_model.safetensors"))
+        assert sorted(a) == sorted(b) and len(a) == 28
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # Exact resume of the sharded LoRA run: adapters and their AdamW state come back from dcp/.
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", out)
+    shutil.rmtree(out / "checkpoint-2")
+    _spawn(2, out, resume=str(out / "checkpoint-1"), use_lora=True)
+    again = _rows(out)
+    for key in COMPARED + ("kl", "entropy"):
+        assert again[2][key] == pytest.approx(got[2][key], rel=1e-6, abs=1e-7), key
+    a = load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "checkpoint-2" / "adapter_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_fsdp_option_is_validated(tmp_path):
