@@ -172,8 +172,8 @@ def resolve_model_dir(name_or_path: str) -> Path | None:
         return path
     raise FileNotFoundError(
         f"model {name_or_path!r}: expected {SMOLLM2!r}, {TINY!r}, a local model folder with config.json "
-        "(a save_pretrained output or a grpo checkpoint-N folder), a LoRA adapter folder (adapter_config.json) or a .gguf "
-        "file; hub downloads are not used"
+        "(a save_pretrained output or a grpo checkpoint-N folder), a LoRA adapter folder (adapter_config.json) "
+        "or a .gguf file; hub downloads are not used"
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import test_trainer as tt
-from grpo import checkpoint, cli, lora, rollout, update
+from grpo import cli, lora, rollout, update
 from grpo.model import load_model
 from grpo.model_config import ModelConfig, get_peft_config
 from grpo.trainer import GRPOTrainer
