@@ -78,8 +78,10 @@ QWEN25 = [
 ]
 
 # The seed's config: num_generations 8, max_completion_length 256; per_device_train_batch_size 8 (one group per
-# micro-batch) and prompts of at most 256 tokens -> N = 8 * 512 tokens per micro-batch and per rollout.
+# micro-batch) and prompts of at most 256 tokens -> N = 8 * 512 tokens per micro-batch and per rollout, of which
+# the 8 * 256 completion positions go through the LM head and the loss.
 SEED_TOKENS = 8 * (256 + 256)
+SEED_COMPLETION_TOKENS = 8 * 256
 
 
 def _loss_workspace(a: Arch, tokens: int, head_trains: bool, shards: int) -> float:
@@ -87,7 +89,8 @@ def _loss_workspace(a: Arch, tokens: int, head_trains: bool, shards: int) -> flo
     return min(LOSS_CHUNK_CAP, tokens * v * 2) + (4 * v * a.hidden if head_trains else 0)
 
 
-def peak_bytes(a: Arch, mode: str, gpus: int, vocab_parallel: bool = False, tokens: int = SEED_TOKENS) -> dict:
+def peak_bytes(a: Arch, mode: str, gpus: int, vocab_parallel: bool = False, tokens: int = SEED_TOKENS,
+               loss_tokens: int = SEED_COMPLETION_TOKENS) -> dict:
     """{'update': bytes, 'generation': bytes} per GPU; mode in ('single', 'ddp', 'fsdp', 'lora', 'lora+fsdp')."""
     p, w = a.params, gpus
     acts = tokens * a.act_bytes_per_token()
@@ -95,16 +98,16 @@ def peak_bytes(a: Arch, mode: str, gpus: int, vocab_parallel: bool = False, toke
     head = a.vocab * a.hidden
     vp = w if vocab_parallel else 1  # the head's rows split over the ranks
     if mode in ("single", "ddp"):  # DDP keeps a full replica per GPU (+ a 32 MiB reduction bucket)
-        update = 18 * p + acts + _loss_workspace(a, tokens, True, 1)
+        update = 18 * p + acts + _loss_workspace(a, loss_tokens, True, 1)
         generation = 12 * p + kv  # fp32 weights + AdamW moments (gradients are freed after each step)
     elif mode == "fsdp":
         root = 6 * (a.root_params - head) + 6 * head / vp
-        update = 16 * p / w + 12 * a.layer_params + root + acts + _loss_workspace(a, tokens, True, vp)
+        update = 16 * p / w + 12 * a.layer_params + root + acts + _loss_workspace(a, loss_tokens, True, vp)
         generation = 12 * p / w + 2 * p + kv  # every layer gathered in bf16 for the rollout
     elif mode in ("lora", "lora+fsdp"):
         base = 2 * p / (w if mode == "lora+fsdp" else 1)
         gathered = 0 if mode == "lora" else 2 * (a.root_params - head) + 2 * head / vp + 4 * a.layer_params
-        update = base + gathered + 16 * a.lora_params + acts + _loss_workspace(a, tokens, False, vp)
+        update = base + gathered + 16 * a.lora_params + acts + _loss_workspace(a, loss_tokens, False, vp)
         generation = (2 * p if mode == "lora+fsdp" else base) + 12 * a.lora_params + kv
     else:
         raise ValueError(f"mode must be single, ddp, fsdp, lora or lora+fsdp, got {mode!r}")

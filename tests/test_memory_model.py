@@ -18,7 +18,7 @@ def test_parameter_counts_by_hand():
 def test_single_gpu_bytes_by_hand():
     # 18 B * 80 params = 1440; activations per token 1*4*2 + 20*2 + 8*4 = 80; loss: logits 1*10*2 = 20, fp32 dW
     # accumulator 4*10*2 = 80; generation: 12 B * 80 + KV 1*2*2*2 = 8
-    got = mm.peak_bytes(TOY, "single", 1, tokens=1)
+    got = mm.peak_bytes(TOY, "single", 1, tokens=1, loss_tokens=1)
     assert got == {"update": 1440 + 80 + 100, "generation": 960 + 8}
 
 
