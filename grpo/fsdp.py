@@ -33,8 +33,6 @@ sharded master weights and AdamW moments stay fp32. On the CPU (gloo) everything
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 
@@ -87,23 +85,30 @@ def fsdp_modules(root) -> list:
     return [m for m in root.modules() if isinstance(m, FSDPModule)]
 
 
-@contextlib.contextmanager
-def gathered_for_generation(root):
-    """Gather every layer once for a rollout (not once per decoded token); shard everything again afterwards."""
-    modules = fsdp_modules(root)
-    for m in modules:
-        m.set_reshard_after_forward(False, recurse=False)
-        # Gather up front, on every rank in the same order: ranks then decode for different numbers of steps
-        # (or not at all, e.g. an empty evaluation share) without any collective left to wait for.
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in modules:
-            if m is not root:
+def run_generation(root, fn, *args, **kwargs):
+    """root(fn, ...) with every layer gathered once for the whole rollout (not once per decoded token), and
+    everything sharded again afterwards.
+
+    The layers are gathered inside the root's forward (after FSDP's lazy init), up front and on every rank in the
+    same order: ranks then decode for different numbers of steps (or not at all, e.g. an empty evaluation share)
+    without any collective left to wait for."""
+    layers = [m for m in fsdp_modules(root) if m is not root]
+
+    def gathered(policy, *a, **k):
+        for m in layers:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            return fn(policy, *a, **k)
+        finally:
+            for m in layers:
                 m.set_reshard_after_forward(True, recurse=False)
-        for m in modules:
-            m.reshard()
+                m.reshard()
+
+    try:
+        return root(gathered, *args, **kwargs)
+    finally:
+        root.reshard()  # the root keeps its parameters gathered after a forward (see shard); free them now
 
 
 def full_value(t) -> torch.Tensor:

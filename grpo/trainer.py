@@ -379,8 +379,7 @@ class GRPOTrainer:
         if root is None:
             return fn(self.ref_model if ref else self.model, *args, **kwargs)
         if generation:
-            with fsdp.gathered_for_generation(root):
-                return root(fn, *args, **kwargs)
+            return fsdp.run_generation(root, fn, *args, **kwargs)
         return root(fn, *args, **kwargs)
 
     def _as_rows(self, dataset, what: str) -> list[dict]:

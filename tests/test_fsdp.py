@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 import test_trainer as tt
-from grpo import checkpoint, distributed
+from grpo import checkpoint, distributed, rollout
 from grpo.config import GRPOConfig
 from grpo.model import load_model
 from test_distributed import _free_port
@@ -26,7 +26,7 @@ COMMON = dict(loss_type="dapo", learning_rate=1e-2, adam_epsilon=1e-3, beta=0.05
 COMPARED = ("loss", "grad_norm", "reward", "reward_std", "num_tokens", "completions/mean_length")
 
 
-def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False):
+def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False, evaluate=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -38,14 +38,20 @@ def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False):
         trainer = tt.make_trainer(out_dir, fsdp="full_shard", **overrides)  # built after WORLD_SIZE is set
     try:
         trainer.train(resume_from_checkpoint=resume)
+        if evaluate:  # 3 problems over 2 ranks: shares of 2 and 1, so the ranks decode different batches
+            trainer.generate_fn = rollout.hf_generate  # real greedy decoding through the sharded model
+            metrics = trainer.evaluate(tt.toy_rows(3))
+            if rank == 0:
+                with open(f"{out_dir}/eval.json", "w") as f:
+                    json.dump(metrics, f)
     finally:
         distributed.destroy(trainer.dist)
 
 
-def _spawn(world, out_dir, resume=None, use_lora=False):
+def _spawn(world, out_dir, resume=None, use_lora=False, evaluate=False):
     overrides = dict(COMMON, per_device_train_batch_size=8 // (world * COMMON["steps_per_generation"]))
-    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out_dir), overrides, resume, use_lora), nprocs=world,
-             join=True)
+    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out_dir), overrides, resume, use_lora, evaluate),
+             nprocs=world, join=True)
 
 
 def _rows(path):
@@ -58,7 +64,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     single = tt.make_trainer(root / "single", per_device_train_batch_size=4, **COMMON)
     single.train()
-    _spawn(2, root / "fsdp")
+    single.generate_fn = rollout.hf_generate
+    (root / "single" / "eval.json").write_text(json.dumps(single.evaluate(tt.toy_rows(3))))
+    _spawn(2, root / "fsdp", evaluate=True)
     return root
 
 
@@ -70,6 +78,9 @@ def test_fsdp_steps_equal_one_unsharded_process(runs):
         for key in COMPARED:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
     assert got[1]["kl"] == pytest.approx(0.0, abs=1e-6) and got[2]["kl"] > 0  # the reference is the start
+    # evaluate() with real decoding under FSDP: every rank gathers the model up front, then decodes its own share.
+    evals = [json.loads((runs / run / "eval.json").read_text()) for run in ("single", "fsdp")]
+    assert evals[1]["eval/num_samples"] == 3 and evals[1] == pytest.approx(evals[0], rel=1e-6)
 
     # The last checkpoint holds gathered save_pretrained weights beside the shards: transformers loads them.
     final = runs / "fsdp" / "checkpoint-2"
@@ -168,3 +179,20 @@ def test_fsdp_bf16_mixed_precision_on_one_gpu(tmp_path):
     got = _rows(tmp_path / "fsdp")[1]
     for key in ("loss", "grad_norm"):
         assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_cli_fsdp_flag_runs_a_one_rank_sharded_run(tmp_path):
+    """`grpo train --fsdp full_shard` without torchrun: a process group of one, DCP shards and final weights."""
+    from grpo import cli
+
+    out = tmp_path / "run"
+    cli.main(["train", "--preset", "smoke", "--output_dir", str(out), "--model", "tiny", "--dataset", "toy",
+              "--reward_funcs", "toy", "--reward_weights", "none", "--max_steps", "1", "--save_steps", "1",
+              "--no_eval", "--fsdp", "full_shard"])
+    assert not torch.distributed.is_initialized()  # the CLI tears its group down
+    ckpt = out / "checkpoint-1"
+    assert (ckpt / checkpoint.DCP_DIR / ".metadata").is_file() and (ckpt / "model.safetensors").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["config"]["fsdp"] == "full_shard"
+    model, _ = load_model(str(ckpt))
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
