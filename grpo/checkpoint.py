@@ -306,6 +306,10 @@ def load_sharded_weights(model, folder) -> None:
     """Load the model part of a sharded checkpoint into an ordinary (unsharded) model in one process."""
     import torch.distributed.checkpoint as dcp
 
+    import warnings
+
     target = {"model": dict(model.state_dict())}
-    dcp.load(target, checkpoint_id=str(Path(folder) / DCP_DIR), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=str(Path(folder) / DCP_DIR), no_dist=True)
     model.load_state_dict(target["model"])
