@@ -62,7 +62,8 @@ def apply(model, peft_config, base_name_or_path: str | None = None, seed: int = 
             )
     import torch
 
-    devices = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else []
+    device = getattr(model, "device", torch.device("cpu"))
+    devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         wrapped = peft.get_peft_model(model, peft_config)
@@ -71,6 +72,7 @@ def apply(model, peft_config, base_name_or_path: str | None = None, seed: int = 
     # A regex target or an architecture default might still reach the head: check what peft actually built.
     new_head = wrapped.get_output_embeddings()
     if isinstance(new_head, peft.tuners.lora.LoraLayer) or type(new_head).__name__ == "ModulesToSaveWrapper":
+        wrapped.unload()  # give the caller's model back without the adapters peft injected in place
         raise ValueError(f"peft_config adapted the LM head ({type(new_head).__name__}); the fused GRPO loss does not "
                          "support a LoRA on the LM head — leave it out of target_modules")
     return wrapped
