@@ -48,8 +48,8 @@ def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False, 
         distributed.destroy(trainer.dist)
 
 
-def _spawn(world, out_dir, resume=None, use_lora=False, evaluate=False):
-    overrides = dict(COMMON, per_device_train_batch_size=8 // (world * COMMON["steps_per_generation"]))
+def _spawn(world, out_dir, resume=None, use_lora=False, evaluate=False, **extra):
+    overrides = dict(COMMON, per_device_train_batch_size=8 // (world * COMMON["steps_per_generation"]), **extra)
     mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out_dir), overrides, resume, use_lora, evaluate),
              nprocs=world, join=True)
 
@@ -196,3 +196,12 @@ def test_cli_fsdp_flag_runs_a_one_rank_sharded_run(tmp_path):
     assert json.loads((ckpt / "trainer_state.json").read_text())["config"]["fsdp"] == "full_shard"
     model, _ = load_model(str(ckpt))
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_fsdp_with_gradient_checkpointing_takes_the_same_step(runs, tmp_path):
+    """Activation checkpointing recomputes each sharded layer in the backward (FSDP gathers it again there)."""
+    _spawn(2, tmp_path / "ckpt", gradient_checkpointing=True, max_steps=1)
+    want, got = _rows(runs / "fsdp")[1], _rows(tmp_path / "ckpt")[1]
+    for key in COMPARED:
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
