@@ -5,6 +5,8 @@
     grpo train run.yaml --learning_rate 2e-5 --reward_funcs gsm8k,format
     grpo train --resume_from_checkpoint latest --output_dir runs/default
     grpo eval --model runs/default/checkpoint-16 [--dataset arithmetic] [--eval_max_samples 48]
+    grpo train --use_peft --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear     LoRA (TRL's names)
+    grpo export --model runs/x/checkpoint-16 --output_dir merged/   merge a LoRA checkpoint into plain weights
 
 `grpo train --help` (or -h) lists every flag with its type, default and meaning: each GRPOConfig field, plus the
 run options (--model, --dataset, --eval_dataset, --reward_funcs, --instruction, --preset,
@@ -32,6 +34,7 @@ from transformers import HfArgumentParser
 
 from .config import PRESET_RUNS, PRESETS, GRPOConfig
 from .logger import format_seconds
+from .model_config import ModelConfig
 
 USAGE = __doc__
 
@@ -86,7 +89,7 @@ class RunOptions:
 
 
 # One dataclass per group of flags; adding one (e.g. a LoRA ModelConfig) is one entry here.
-ARG_DATACLASSES = (GRPOConfig, RunOptions)
+ARG_DATACLASSES = (GRPOConfig, RunOptions, ModelConfig)
 
 _DESCRIPTIONS = {
     "train": "GRPO-train a causal LM. Without arguments: the default run (SmolLM2-135M-Instruct on arithmetic "
@@ -257,9 +260,10 @@ def parse_args(argv: list[str], command: str = "train", extra_defaults: dict | N
 
 
 def build_run(argv: list[str], command: str = "train", extra_defaults: dict | None = None) -> tuple[GRPOConfig, dict]:
-    """(GRPOConfig, run options as a dict) from preset < YAML < flags."""
-    config, run_options = parse_args(argv, command, extra_defaults)[:2]
-    return config, dataclasses.asdict(run_options)
+    """(GRPOConfig, run options as a dict with the LoRA ModelConfig under "model_config") from preset < YAML <
+    flags."""
+    config, run_options, model_config = parse_args(argv, command, extra_defaults)
+    return config, {**dataclasses.asdict(run_options), "model_config": model_config}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,8 +310,11 @@ def cmd_train(argv: list[str]) -> dict:
     threads = set_num_threads(run.get("num_threads"))
     train_rows = load_rows(run.get("dataset") or "arithmetic", "train", config, run.get("instruction"))
     eval_rows = None if run["no_eval"] else eval_rows_for(run, config)
+    from .model_config import get_peft_config
+
     trainer = GRPOTrainer(run.get("model") or "smollm2-135m-instruct", reward_funcs_for(run), args=config,
-                          train_dataset=train_rows, eval_dataset=eval_rows)
+                          train_dataset=train_rows, eval_dataset=eval_rows,
+                          peft_config=get_peft_config(run["model_config"]))
     main = trainer.dist.is_main
     if main:
         print(f"[grpo] preset={run['preset']} model={run.get('model')} dataset={run.get('dataset')} "
@@ -406,6 +413,19 @@ def cmd_eval(argv: list[str]) -> dict:
     return metrics
 
 
+def cmd_export(argv: list[str]) -> str:
+    """Merge a LoRA checkpoint's adapter into its base model and save a plain save_pretrained folder."""
+    from . import lora
+
+    parser = argparse.ArgumentParser(prog="grpo export", description=cmd_export.__doc__)
+    parser.add_argument("--model", required=True, help="a LoRA checkpoint folder (adapter + trainer state)")
+    parser.add_argument("--output_dir", required=True, help="where the merged model is saved")
+    args = parser.parse_args(argv)
+    out = lora.export_merged(args.model, args.output_dir)
+    print(f"[grpo] merged adapter of {args.model} into {out}", flush=True)
+    return str(out)
+
+
 def _eval_line(m: dict) -> str:
     rewards = " ".join(f"{k.split('/')[-2]}={v:.3f}" for k, v in m.items() if k.startswith("eval/rewards/"))
     return (f"accuracy={m['eval/accuracy']:.3f} on {int(m['eval/num_samples'])} held-out problems "
@@ -422,9 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd_train(rest)
     elif command == "eval":
         cmd_eval(rest)
+    elif command == "export":
+        cmd_export(rest)
     else:
-        close = difflib.get_close_matches(command, ["train", "eval"], n=1)
-        raise SystemExit(f"grpo: unknown command {command!r}; use 'train' or 'eval'"
+        close = difflib.get_close_matches(command, ["train", "eval", "export"], n=1)
+        raise SystemExit(f"grpo: unknown command {command!r}; use 'train', 'eval' or 'export'"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     return 0
 

@@ -166,6 +166,9 @@ class GRPOConfig:
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 autocast; None = auto: on for a CUDA device with bf16 support"})
     seed: int = field(default=42, metadata={"help": "random seed (sampling, shuffling)"})
+    fsdp: str | None = field(default="", metadata={"help": (
+        "transformers' name: 'full_shard' = FSDP2 (fully_shard on each decoder layer and the root) under torchrun; "
+        "'' = off")})
 
     # --- logging, saving, evaluation ----------------------------------------------------------------------------
     logging_steps: int = field(default=1, metadata={"help": "log metrics every this many steps"})
@@ -380,6 +383,7 @@ class GRPOConfig:
         if not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be True, False or None (auto), got {self.bf16!r}")
         _check_int("seed", self.seed, 0)
+        _check_fsdp(self.fsdp)
 
         _check_int("logging_steps", self.logging_steps, 1)
         _check_int("save_steps", self.save_steps, 1)
@@ -527,6 +531,21 @@ PRESET_RUNS: dict[str, dict] = {
 
 
 # --------------------------------------------------------------------------------------------------------------
+def _check_fsdp(value) -> None:
+    """transformers' spelling: a space-separated option string. Only full sharding (FSDP2) is implemented."""
+    if value is None or value == "" or value is False:
+        return
+    if not isinstance(value, str):
+        raise ValueError(f"fsdp must be a string ('full_shard' or ''), got {value!r}")
+    options = set(value.split())
+    if "full_shard" not in options:
+        raise ValueError(f"fsdp={value!r}: only 'full_shard' is supported (FSDP2 over all ranks); '' turns it off")
+    other = options - {"full_shard", "auto_wrap"}  # auto_wrap is what we do anyway: one unit per decoder layer
+    if other:
+        raise NotImplementedError(f"fsdp={value!r}: {', '.join(sorted(other))} not implemented (shard_grad_op, "
+                                  "hybrid_shard and offload are absent); use fsdp='full_shard'")
+
+
 def _world_size() -> int:
     raw = os.environ.get("WORLD_SIZE", "1")
     try:

@@ -33,8 +33,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a single process otherwise."""
+def init_distributed(force_group: bool = False) -> DistInfo:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a single process otherwise.
+
+    force_group: a process group even for one process (FSDP2 needs one, e.g. to resume a sharded run on 1 rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -44,8 +46,11 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if (world > 1 or force_group) and not dist.is_initialized():
+        if world == 1 and "MASTER_ADDR" not in os.environ:  # plain `python`, no torchrun: a group of one
+            dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
@@ -120,5 +125,5 @@ def reduce_metric_sums(sums: dict[str, list[float]], info: DistInfo) -> dict[str
 
 
 def destroy(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

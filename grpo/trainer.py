@@ -25,12 +25,13 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from . import advantages as adv_lib
-from . import checkpoint, distributed, rollout, scoring, update
+from . import checkpoint, distributed, fsdp, lora, rollout, scoring, update
 from . import evaluate as eval_lib
 from . import model as model_lib
 from .config import GRPOConfig
@@ -39,11 +40,11 @@ from .logger import MetricsLogger, plot_reward_curve
 
 class GRPOTrainer:
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, reward_processing_classes=None):
+                 processing_class=None, reward_processing_classes=None, peft_config=None):
         self.args = args = args if args is not None else GRPOConfig()
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a grpo.GRPOConfig, got {type(args).__name__}")
-        self.dist = distributed.init_distributed()
+        self.dist = distributed.init_distributed(force_group=bool(args.fsdp))
         per_step = args.per_device_train_batch_size * self.dist.world_size
         if args.generation_batch_size != per_step * args.steps_per_generation:
             raise ValueError(
@@ -53,12 +54,19 @@ class GRPOTrainer:
                 "WORLD_SIZE is set (torchrun sets it)"
             )
 
-        # Policy (fp32 master weights), tokenizer, frozen reference copy when the KL term is on.
-        self.model, self.tokenizer = self._load_policy(model, processing_class)
+        # Policy (fp32 master weights; LoRA adapters with peft_config), tokenizer, frozen reference copy when the
+        # KL term is on (with LoRA the reference is the same model with its adapters disabled: no copy).
+        self.model, self.tokenizer = self._load_policy(model, processing_class, peft_config)
         update.check_supported(self.model, args)
         self.ref_model = None
-        if args.beta != 0.0:
+        if args.beta != 0.0 and peft_config is None:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # FSDP2 (fsdp="full_shard"): parameters become shards; every stage runs inside the root's forward (_run).
+        self.fsdp_root = self.ref_root = None
+        if args.fsdp:
+            self.fsdp_root = fsdp.shard(self.model, self.dist, args.bf16)
+            if self.ref_model is not None:
+                self.ref_root = fsdp.shard(self.ref_model, self.dist, args.bf16)
 
         # Rewards.
         self.reward_funcs = scoring.resolve_reward_funcs(reward_funcs, reward_processing_classes, self.dist.device)
@@ -141,7 +149,8 @@ class GRPOTrainer:
                     rows = rollout.rank_slice(order, info.rank, info.world_size)
                     self.model.eval()
                     with update.autocast(self.model, args.bf16):
-                        batch = rollout.generate_rollout(self.model, self.tokenizer, rows, args, self.generate_fn)
+                        batch = self._run(rollout.generate_rollout, self.tokenizer, rows, args, self.generate_fn,
+                                          generation=True)
                     self.model.train()
                     times["time/generation"] += time.perf_counter() - t0
 
@@ -155,17 +164,22 @@ class GRPOTrainer:
                     t0 = time.perf_counter()
                     self.logger.phase("updating", self.step + 1)
                     if needs_old_logps:
-                        batch.old_logps = update.per_token_logps(self.model, batch, args)
+                        batch.old_logps = self._run(update.per_token_logps, batch, args)
                     if self.ref_model is not None:
-                        batch.ref_logps = update.per_token_logps(self.ref_model, batch, args)
+                        batch.ref_logps = self._run(update.per_token_logps, batch, args, ref=True)
+                    elif args.beta != 0.0:  # LoRA: the base model is the reference
+                        with lora.adapters_disabled(self.model):
+                            batch.ref_logps = self._run(update.per_token_logps, batch, args)
                     self.buffer = batch.split(spg)
                     times["time/update"] += time.perf_counter() - t0
 
                 # (4) Forward + backward of one micro-batch through the fused linear-GRPO loss.
                 t0 = time.perf_counter()
                 self.logger.phase("updating", self.step + 1)
+                # FSDP's backward holds collectives every rank must join: no zero-signal skipping there.
+                run = {} if self.fsdp_root is None else {"run": self.fsdp_root, "skip_zero_signal": False}
                 loss, sums = update.micro_step(self.model, self.loss_fn, self.buffer[micro_index % spg], args,
-                                               info.world_size)
+                                               info.world_size, **run)
                 step_loss += loss
                 for name, (total, count) in distributed.reduce_metric_sums({k: list(v) for k, v in sums.items()},
                                                                            info).items():
@@ -174,7 +188,8 @@ class GRPOTrainer:
 
             # (4b) Optimizer step: average gradients over ranks, clip, step, schedule.
             t0 = time.perf_counter()
-            distributed.average_gradients(self.params, info)
+            if self.fsdp_root is None:  # FSDP2 has already reduce-scattered (averaged) the gradients
+                distributed.average_gradients(self.params, info)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm or float("inf"))
             learning_rate = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
@@ -193,7 +208,8 @@ class GRPOTrainer:
             self.logger.add_many(times)
             if self.step % args.logging_steps == 0 or self.step == self.max_steps:
                 row = self.logger.log(self.step, {
-                    "grad_norm": float(grad_norm), "learning_rate": learning_rate, "num_tokens": self.num_tokens,
+                    "grad_norm": float(fsdp.full_value(grad_norm)), "learning_rate": learning_rate,
+                    "num_tokens": self.num_tokens,
                     "epoch": self.sampler.epochs_done,
                 })
                 self.logger.step_line(row)
@@ -264,9 +280,9 @@ class GRPOTrainer:
         elif self.dist.is_main:  # before train(): no logger yet
             print(f"[grpo] evaluating on {n} held-out problems", flush=True)
         with update.autocast(self.model, self.args.bf16):
-            metrics = eval_lib.evaluate(self.model, self.tokenizer, rows, self.reward_funcs, self.args.reward_weights,
-                                        self.args, self.dist, batch_size=max(self.args.generation_batch_size, 16),
-                                        generate_fn=self.generate_fn)
+            metrics = self._run(eval_lib.evaluate, self.tokenizer, rows, self.reward_funcs, self.args.reward_weights,
+                                self.args, self.dist, batch_size=max(self.args.generation_batch_size, 16),
+                                generate_fn=self.generate_fn, generation=True)
         self.last_eval = (self.step, metrics)
         if self.logger is not None:
             self.logger.log_eval(self.step, metrics)
@@ -290,13 +306,19 @@ class GRPOTrainer:
             local = [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in mb.to_state().items()}
                      for mb in self.buffer]
             buffers = distributed.all_gather_object(local, info)
+        state = {
+            "step": self.step, "max_steps": self.max_steps, "epoch": self.sampler.epochs_done,
+            "sampler": self.sampler.state_dict(), "num_tokens": self.num_tokens,
+            "world_size": info.world_size, "generation_batch_size": args.generation_batch_size,
+            "reward_names": self.reward_names,
+            "config": args.to_dict(), "log_history": self.logger.history if self.logger else [],
+        }
+        if self.fsdp_root is not None:  # every rank writes its shards; the final step also gets full weights
+            checkpoint.save_sharded(args.output_dir, self.step, self.model, self.tokenizer, self.optimizer,
+                                    self.scheduler, state, rngs, buffers, args.save_total_limit, info,
+                                    full_weights=self.step == self.max_steps)
+            return
         if info.is_main:
-            state = {
-                "step": self.step, "max_steps": self.max_steps, "epoch": self.sampler.epochs_done,
-                "sampler": self.sampler.state_dict(), "num_tokens": self.num_tokens,
-                "world_size": info.world_size, "reward_names": self.reward_names,
-                "config": args.to_dict(), "log_history": self.logger.history if self.logger else [],
-            }
             checkpoint.save(args.output_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,
                             state, rngs, buffers, args.save_total_limit)
         distributed.barrier(info)
@@ -304,22 +326,39 @@ class GRPOTrainer:
     def _resume(self, spec) -> None:
         info = self.dist
         folder = checkpoint.resolve_checkpoint(spec, self.args.output_dir)
-        state, rng, buffer = checkpoint.load(folder, self.model, self.optimizer, self.scheduler, info.rank)
-        if state["world_size"] != info.world_size:
+        if self.fsdp_root is not None:
+            state, rng, buffer = checkpoint.load_sharded(folder, self.model, self.optimizer, self.scheduler, info)
+            if state["world_size"] != info.world_size:  # DCP resharded the model and optimizer
+                if state.get("generation_batch_size") != self.args.generation_batch_size:
+                    raise ValueError(f"{folder} was trained with generation_batch_size="
+                                     f"{state.get('generation_batch_size')}; at another world size keep it "
+                                     f"(this run has {self.args.generation_batch_size}) so the prompt order continues")
+                # Per-rank sampling streams cannot carry over to another number of ranks: fresh, step-dependent
+                # seeds. The run continues from the same weights, optimizer and data order, not bit-identically.
+                rng = None
+                checkpoint.seed_everything(self.args.seed + info.rank + 100_003 * state["step"])
+        else:
+            state, rng, buffer = checkpoint.load(folder, self.model, self.optimizer, self.scheduler, info.rank)
+        if state["world_size"] != info.world_size and self.fsdp_root is None:
             raise ValueError(f"{folder} was written by {state['world_size']} processes, this run has "
                              f"{info.world_size}: resume with the same number of processes")
         self.step, self.num_tokens = state["step"], state["num_tokens"]
         self.sampler.load_state_dict(state["sampler"])
         self.buffer = [rollout.Rollout.from_state(s, info.device) for s in buffer] if buffer else None
-        checkpoint.set_rng_state(rng)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
         self.logger.restore(state["log_history"], self.step)
         self.logger.write(f"[grpo] resumed from {folder} at step {self.step}/{self.max_steps}")
 
     # ------------------------------------------------------------------------------------------------------------
     # Setup helpers
     # ------------------------------------------------------------------------------------------------------------
-    def _load_policy(self, model, processing_class):
+    def _load_policy(self, model, processing_class, peft_config=None):
         args, device = self.args, self.dist.device
+        # Recorded in a LoRA checkpoint's adapter_config.json, so that `grpo eval` finds the base model.
+        base_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        if base_name and Path(base_name).exists():
+            base_name = str(Path(base_name).resolve())
         if isinstance(model, str):
             attn = args.attn_implementation
             if attn is None and device.type == "cuda" and _flash_attn_installed():
@@ -335,6 +374,8 @@ class GRPOTrainer:
             tokenizer = processing_class
         model_lib.prepare_tokenizer(tokenizer)
         model = model.to(device)
+        if peft_config is not None:  # before disable_dropout, which then also zeroes the LoRA dropout (as TRL)
+            model = lora.apply(model, peft_config, base_name_or_path=base_name, seed=args.seed)
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -345,6 +386,15 @@ class GRPOTrainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, tokenizer
+
+    def _run(self, fn, *args, ref: bool = False, generation: bool = False, **kwargs):
+        """fn(policy, *args): directly, or inside FSDP2's root forward when the model is sharded (see fsdp.py)."""
+        root = self.ref_root if ref else self.fsdp_root
+        if root is None:
+            return fn(self.ref_model if ref else self.model, *args, **kwargs)
+        if generation:
+            return fsdp.run_generation(root, fn, *args, **kwargs)
+        return root(fn, *args, **kwargs)
 
     def _as_rows(self, dataset, what: str) -> list[dict]:
         rows = [dict(r) for r in dataset]

@@ -187,36 +187,47 @@ def has_signal(mb, args) -> bool:
     return bool(live.any())
 
 
-def micro_step(model, loss_fn, mb, args, world_size: int,
-               skip_zero_signal: bool = True) -> tuple[float, dict[str, tuple[float, float]]]:
+def micro_loss(model, loss_fn, mb, args, world_size: int):
+    """(scaled loss, scaled policy loss as a float, metrics) of one micro-batch, before backward."""
+    with autocast(model, args.bf16):
+        hidden = completion_hidden(model, mb)
+    weight, bias = _head_for(hidden, model)
+    num_items = None
+    if args.loss_type in GLOBAL_NORM_LOSSES:
+        num_items = torch.tensor(max(1.0, float(mb.num_items_in_batch)), device=hidden.device)
+    entropy = token_entropy(hidden, weight, bias, mb.completion_ids, args)
+    keep = None
+    if args.top_entropy_quantile < 1.0:
+        keep = high_entropy_mask(entropy.detach(), mb.completion_mask, args.top_entropy_quantile)
+    # The fused loss multiplies the policy term by its per-token ratio input before adding the KL term
+    # (ℓ ← ℓ·ρ + β·k), which is exactly where TRL multiplies the entropy mask; its normalizer and metrics still
+    # count every completion token, as TRL's do.
+    loss, metrics = loss_fn(
+        hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
+        ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
+        vllm_is_ratio=None if keep is None else keep.to(torch.float32),
+    )
+    loss = loss * loss_multiplier(args, world_size)
+    policy_loss = float(loss.detach())
+    if args.entropy_coef != 0.0:
+        loss = loss - args.entropy_coef * entropy_bonus(entropy, mb.completion_mask, keep, args)
+    return loss, policy_loss, metrics
+
+
+def micro_step(model, loss_fn, mb, args, world_size: int, skip_zero_signal: bool = True,
+               run=None) -> tuple[float, dict[str, tuple[float, float]]]:
     """Forward + backward on one micro-batch; returns (its scaled loss, {metric: (sum, count)}) for logging.
 
-    Metrics come back as sums and counts so that the caller can form TRL's global masked means across ranks.
-    `zero_signal_ratio` counts the micro-batches that skipped the backward (skip_zero_signal and no signal)."""
+    `run(fn, *args)` calls `fn(model, *args)` inside a wrapper's forward (FSDP2's root, see fsdp.py), so that
+    the backward starts from what that forward returned. Metrics come back as sums and counts so that the caller
+    can form TRL's global masked means across ranks. `zero_signal_ratio` counts the micro-batches that skipped the
+    backward (skip_zero_signal and no signal; FSDP turns it off: its backward holds collectives every rank joins)."""
     skip = skip_zero_signal and not has_signal(mb, args)
     with torch.set_grad_enabled(torch.is_grad_enabled() and not skip):
-        with autocast(model, args.bf16):
-            hidden = completion_hidden(model, mb)
-        weight, bias = _head_for(hidden, model)
-        num_items = None
-        if args.loss_type in GLOBAL_NORM_LOSSES:
-            num_items = torch.tensor(max(1.0, float(mb.num_items_in_batch)), device=hidden.device)
-        entropy = token_entropy(hidden, weight, bias, mb.completion_ids, args)
-        keep = None
-        if args.top_entropy_quantile < 1.0:
-            keep = high_entropy_mask(entropy.detach(), mb.completion_mask, args.top_entropy_quantile)
-        # The fused loss multiplies the policy term by its per-token ratio input before adding the KL term
-        # (ℓ ← ℓ·ρ + β·k), which is exactly where TRL multiplies the entropy mask; its normalizer and metrics still
-        # count every completion token, as TRL's do.
-        loss, metrics = loss_fn(
-            hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
-            ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
-            vllm_is_ratio=None if keep is None else keep.to(torch.float32),
-        )
-        loss = loss * loss_multiplier(args, world_size)
-        policy_loss = float(loss.detach())
-        if args.entropy_coef != 0.0:
-            loss = loss - args.entropy_coef * entropy_bonus(entropy, mb.completion_mask, keep, args)
+        if run is None:
+            loss, policy_loss, metrics = micro_loss(model, loss_fn, mb, args, world_size)
+        else:
+            loss, policy_loss, metrics = run(micro_loss, loss_fn, mb, args, world_size)
     if skip:
         _zero_missing_grads(model)
     else:

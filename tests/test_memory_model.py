@@ -1,0 +1,38 @@
+"""The memory model: formulas checked by hand on a toy shape, and the README's table is the one the code prints."""
+
+import pathlib
+
+import pytest
+
+from grpo import memory_model as mm
+
+TOY = mm.Arch("toy", hidden=2, layers=1, intermediate=4, vocab=10, kv_dim=2, tied=False)
+
+
+def test_parameter_counts_by_hand():
+    # q, o: 2*2*2 = 8; k, v: 2*2*2 = 8; gate, up, down: 3*2*4 = 24 -> 40 per layer; embed + head: 2*10*2 = 40
+    assert (TOY.layer_params, TOY.root_params, TOY.params) == (40, 40, 80)
+    assert mm.QWEN25[3].params == pytest.approx(7.62e9, rel=0.01)  # Qwen2.5-7B's published size
+
+
+def test_single_gpu_bytes_by_hand():
+    # 18 B * 80 params = 1440; activations per token 1*4*2 + 20*2 + 8*4 = 80; loss: logits 1*10*2 = 20, fp32 dW
+    # accumulator 4*10*2 = 80; generation: 12 B * 80 + KV 1*2*2*2 = 8
+    got = mm.peak_bytes(TOY, "single", 1, tokens=1, loss_tokens=1)
+    assert got == {"update": 1440 + 80 + 100, "generation": 960 + 8}
+
+
+def test_fsdp_shards_states_but_gathers_for_generation():
+    a = mm.QWEN25[3]
+    one, eight = mm.peak_bytes(a, "single", 1), mm.peak_bytes(a, "fsdp", 8)
+    assert eight["update"] < one["update"] / 4
+    assert eight["generation"] > 2 * a.params  # the whole bf16 model is resident while sampling
+    vp = mm.peak_bytes(a, "fsdp", 8, vocab_parallel=True)
+    assert vp["update"] < eight["update"] and vp["generation"] == eight["generation"]
+    with pytest.raises(ValueError, match="mode"):
+        mm.peak_bytes(a, "zero3", 8)
+
+
+def test_readme_table_is_the_computed_one():
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert mm.table() in readme
