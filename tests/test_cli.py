@@ -163,15 +163,23 @@ def test_bad_values_name_the_flag(argv, message):
         cli.build_run(argv)
 
 
-def test_parser_takes_another_dataclass_in_one_entry():
-    @dataclasses.dataclass
-    class ModelConfig:
-        use_peft: bool = dataclasses.field(default=False, metadata={"help": "train LoRA adapters"})
-        lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank"})
+def test_lora_flags_use_trl_model_config_names():
+    from grpo.model_config import ModelConfig
 
-    config, run_options, model_config = cli.parse_args(["--use_peft", "--lora_r", "8", "--seed", "5"],
-                                                       dataclass_types=(*cli.ARG_DATACLASSES, ModelConfig))
-    assert model_config == ModelConfig(use_peft=True, lora_r=8) and config.seed == 5
+    config, run = cli.build_run(["--use_peft", "--lora_r", "8", "--lora_target_modules", "q_proj,v_proj",
+                                 "--seed", "5"])
+    assert run["model_config"] == ModelConfig(use_peft=True, lora_r=8, lora_target_modules=["q_proj", "v_proj"])
+    assert config.seed == 5
+    _, run = cli.build_run(["--lora_target_modules", "all-linear"])
+    assert run["model_config"].lora_target_modules == ["all-linear"] and not run["model_config"].use_peft
+
+
+def test_help_lists_lora_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--use_peft" in out and "--lora_r" in out and "LoRA rank" in out and "--fsdp" in out
 
 
 def test_thread_count_follows_free_cores(monkeypatch):

@@ -122,7 +122,8 @@ def test_adapter_gradients_match_float64_full_logits(tmp_path, loss_type):
     loss, _ = ref.reference_fused_linear_grpo_loss(
         hidden[:, p - 1 : p - 1 + c], m64.get_output_embeddings().weight, batch.completion_ids,
         batch.completion_mask, batch.advantages.double(), ref_per_token_logps=batch.ref_logps.double(),
-        num_items_in_batch=num_items, loss_type=loss_type, beta=0.05, temperature=0.8)
+        num_items_in_batch=num_items, loss_type=loss_type, beta=0.05, temperature=0.8,
+        use_bias_correction_kl=args.use_bias_correction_kl)
     loss.backward()
     assert len(got) == 4 * 7  # A and B of q, k, v, o, gate, up, down in 2 layers
     for name, p in m64.named_parameters():
