@@ -166,9 +166,9 @@ class GRPOConfig:
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 autocast; None = auto: on for a CUDA device with bf16 support"})
     seed: int = field(default=42, metadata={"help": "random seed (sampling, shuffling)"})
-    fsdp: str | None = field(default="", metadata={"help": (
+    fsdp: str | None = field(default=None, metadata={"help": (
         "transformers' name: 'full_shard' = FSDP2 (fully_shard on each decoder layer and the root) under torchrun; "
-        "'' = off")})
+        "None or '' = off")})
 
     # --- logging, saving, evaluation ----------------------------------------------------------------------------
     logging_steps: int = field(default=1, metadata={"help": "log metrics every this many steps"})
