@@ -5,7 +5,6 @@ extra: `pip install grpo-kernels[peft]`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -39,38 +38,6 @@ class ModelConfig:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_flags(cls, flags: dict) -> ModelConfig:
-        """Build from command-line strings ({name: "value"} or {name: True} for a bare flag)."""
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in flags:
-                continue
-            value = flags[f.name]
-            if isinstance(value, str):
-                text = value.strip()
-                try:
-                    if f.name in ("use_peft", "use_rslora"):
-                        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                            raise ValueError(f"expected true/false, got {value!r}")
-                        value = text.lower() in ("true", "1", "yes")
-                    elif f.name == "lora_r":
-                        value = int(text)
-                    elif f.name in ("lora_alpha", "lora_dropout"):
-                        value = float(text)
-                        if f.name == "lora_alpha" and value.is_integer():
-                            value = int(value)
-                    elif text.lower() == "none":
-                        value = None
-                except ValueError as e:
-                    raise ValueError(f"--{f.name}: {e}") from None
-            kwargs[f.name] = value
-        return cls(**kwargs)
 
 
 def _split(text: str) -> list[str] | None:

@@ -197,9 +197,11 @@ def test_resume_of_a_full_checkpoint_into_a_lora_run_is_refused(tmp_path):
 
 
 def test_model_config_uses_trl_names_and_builds_a_lora_config():
-    mc = ModelConfig.from_flags({"use_peft": True, "lora_r": "8", "lora_alpha": "16", "lora_dropout": "0.1",
-                                 "lora_target_modules": "all-linear"})
-    cfg = get_peft_config(mc)
+    from grpo import cli
+
+    _, run = cli.build_run(["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.1",
+                            "--lora_target_modules", "all-linear"])
+    cfg = get_peft_config(run["model_config"])
     assert isinstance(cfg, peft.LoraConfig)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == (8, 16, 0.1, "all-linear")
     cfg = get_peft_config(ModelConfig(use_peft=True, lora_target_modules="q_proj,v_proj"))
@@ -209,8 +211,8 @@ def test_model_config_uses_trl_names_and_builds_a_lora_config():
         ModelConfig(lora_r=0)
     with pytest.raises(ValueError, match="lora_dropout"):
         ModelConfig(lora_dropout=1.5)
-    with pytest.raises(ValueError, match="--lora_r"):
-        ModelConfig.from_flags({"lora_r": "eight"})
+    with pytest.raises(SystemExit, match="lora_r"):
+        cli.build_run(["--lora_r", "eight"])
 
 
 def test_cli_trains_lora_and_evaluates_the_checkpoint(tmp_path):
