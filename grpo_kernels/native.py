@@ -6,9 +6,10 @@ extension turned off with GRPO_KERNELS_NATIVE=0, or it could not be built), and 
 The math, and its PyTorch statement, is in torch_ops.
 
 Build: torch.utils.cpp_extension (g++ and ninja) into <torch extensions dir>/grpo_kernels_native_<key>, where the
-key hashes the source, the flags, torch's version and the CPU's instruction-set flags (the code is built with
--march=native). A built library is loaded directly without invoking the compiler; one line is printed when it
-builds, one warning when it cannot (then the PyTorch path is used).
+key hashes the source, the flags, the compiler's name, torch's and Python's versions and the CPU's instruction-set
+flags (the code is built with -march=native). A built library is loaded directly without invoking the compiler; one
+line is printed when it builds, one warning when it cannot (then the PyTorch path is used). A failed build leaves
+build-failed.txt in that folder so that later processes warn without building again.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def _build_dir() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
     key = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode(),
-                 _cpu_flags().encode(), sys.version.encode()):
+                 _cpu_flags().encode(), sys.version.encode(), _cxx().encode()):
         key.update(part)
-    return Path(get_default_build_root()) / f"{_NAME}_{key.hexdigest()[:16]}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch's own extensions
+    return Path(root) / f"{_NAME}_{key.hexdigest()[:16]}"
 
 
 def _warn(reason: str) -> None:
@@ -72,25 +74,44 @@ def load() -> Optional[str]:
         return None
     try:
         build_dir = _build_dir()
-        lib = build_dir / f"{_NAME}.so"
-        if not lib.is_file():
-            cxx = os.environ.get("CXX", "c++")
-            if shutil.which(cxx) is None:
-                _warn(f"no C++ compiler: `{cxx}` not found")
-                return None
-            from torch.utils.cpp_extension import load as build
-            build_dir.mkdir(parents=True, exist_ok=True)
-            print(f"grpo_kernels: building the native CPU epilogue once for this machine in {build_dir} ...",
-                  file=sys.stderr, flush=True)
+        lib, failed = build_dir / f"{_NAME}.so", build_dir / "build-failed.txt"
+        if lib.is_file():
+            torch.ops.load_library(str(lib))
+            return str(lib)
+        if failed.is_file():  # do not pay for the same failing build in every process
+            _warn(f"an earlier build failed: {failed.read_text().strip()}; delete {build_dir} to retry")
+            return None
+        cxx = _cxx()
+        if shutil.which(cxx) is None:
+            _warn(f"no C++ compiler: `{cxx}` not found")
+            return None
+        from torch.utils.cpp_extension import load as build
+        build_dir.mkdir(parents=True, exist_ok=True)
+        print(f"grpo_kernels: building the native CPU epilogue once for this machine in {build_dir} ...",
+              file=sys.stderr, flush=True)
+        try:
             build(_NAME, [str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
                   build_directory=str(build_dir), is_python_module=False, verbose=False)
-        else:
-            torch.ops.load_library(str(lib))
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {_first_error(str(exc))}"
+            failed.write_text(reason + "\n")
+            _warn(reason)
+            return None
         return str(lib)
-    except Exception as exc:  # any build or load failure: fall back, say why in one line
-        msg = " ".join(str(exc).split())
-        _warn(f"{type(exc).__name__}: {msg[:300]}")
+    except Exception as exc:  # any other failure (loading included): fall back, say why in one line
+        _warn(f"{type(exc).__name__}: {_first_error(str(exc))}")
         return None
+
+
+def _cxx() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def _first_error(text: str) -> str:
+    """The compiler's first `error:` line of a build log (else its last line), shortened to one line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or ["(no message)"]
+    line = next((ln for ln in lines if "error:" in ln), lines[-1])
+    return line[:300]
 
 
 def available() -> bool:

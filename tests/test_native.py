@@ -212,3 +212,43 @@ def test_differentiable_entropy_same_with_and_without_native(monkeypatch):
     want = run()
     for a, b in zip(got, want):
         assert rel(a, b) <= 1e-5
+
+
+def _fresh_process(code: str, tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    full = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": str(root), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=root,
+                          timeout=300)
+
+
+def test_no_compiler_warns_once_and_uses_the_torch_path(tmp_path):
+    code = ("import torch, warnings\n"
+            "from grpo_kernels import native, torch_ops\n"
+            "x = torch.randn(4, 33); t = torch.randint(0, 33, (4,))\n"
+            "a = torch_ops.chunk_stats(x, t, 1.0, False); b = torch_ops.chunk_stats(x, t, 1.0, False)\n"
+            "print('ok', native.available(), torch.allclose(a[0], torch.logsumexp(x, 1)))\n")
+    res = _fresh_process(code, tmp_path, CXX="no-such-compiler-grpo")  # empty extensions dir: would need a build
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok False True"
+    warned = [ln for ln in res.stderr.splitlines() if "native CPU epilogue unavailable" in ln]
+    assert len(warned) == 1 and "no C++ compiler" in warned[0]
+
+
+def test_failed_build_warns_once_and_uses_the_torch_path(tmp_path):
+    code = ("import torch\n"
+            "from grpo_kernels import native, torch_ops\n"
+            "x = torch.randn(4, 33); t = torch.randint(0, 33, (4,))\n"
+            "a = torch_ops.chunk_stats(x, t, 1.0, False); b = torch_ops.chunk_stats(x, t, 1.0, False)\n"
+            "print('ok', native.available(), torch.allclose(a[0], torch.logsumexp(x, 1)))\n")
+    for attempt in ("build fails", "earlier failure remembered"):
+        res = _fresh_process(code, tmp_path, CXX="false")  # a "compiler" that always fails
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "ok False True"
+        warned = [ln for ln in res.stderr.splitlines() if "native CPU epilogue unavailable" in ln]
+        assert len(warned) == 1, res.stderr
+        building = [ln for ln in res.stderr.splitlines() if "building the native" in ln]
+        assert len(building) == (1 if attempt == "build fails" else 0), (attempt, res.stderr)
