@@ -85,6 +85,9 @@ def load() -> Optional[str]:
         if shutil.which(cxx) is None:
             _warn(f"no C++ compiler: `{cxx}` not found")
             return None
+        if not _ninja_on_path():
+            _warn("no `ninja` (pip install ninja)")
+            return None
         from torch.utils.cpp_extension import load as build
         build_dir.mkdir(parents=True, exist_ok=True)
         print(f"grpo_kernels: building the native CPU epilogue once for this machine in {build_dir} ...",
@@ -101,6 +104,18 @@ def load() -> Optional[str]:
     except Exception as exc:  # any other failure (loading included): fall back, say why in one line
         _warn(f"{type(exc).__name__}: {_first_error(str(exc))}")
         return None
+
+
+def _ninja_on_path() -> bool:
+    """torch runs `ninja` from PATH; the pip package's binary may sit in a bin folder that is not on it."""
+    if shutil.which("ninja"):
+        return True
+    try:
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except (ImportError, AttributeError):
+        return False
+    return shutil.which("ninja") is not None
 
 
 def _cxx() -> str:

@@ -252,3 +252,23 @@ def test_failed_build_warns_once_and_uses_the_torch_path(tmp_path):
         assert len(warned) == 1, res.stderr
         building = [ln for ln in res.stderr.splitlines() if "building the native" in ln]
         assert len(building) == (1 if attempt == "build fails" else 0), (attempt, res.stderr)
+
+
+def test_no_ninja_warns_once_and_uses_the_torch_path(tmp_path):
+    import os
+    import shutil
+    gxx = shutil.which(os.environ.get("CXX", "c++"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "c++").symlink_to(gxx)
+    code = ("import sys, torch\n"
+            "sys.modules['ninja'] = None  # hide the pip package too\n"
+            "from grpo_kernels import native, torch_ops\n"
+            "x = torch.randn(4, 33); t = torch.randint(0, 33, (4,))\n"
+            "a = torch_ops.chunk_stats(x, t, 1.0, False)\n"
+            "print('ok', native.available(), torch.allclose(a[0], torch.logsumexp(x, 1)))\n")
+    res = _fresh_process(code, tmp_path, PATH=str(bindir), CXX="c++")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok False True"
+    warned = [ln for ln in res.stderr.splitlines() if "native CPU epilogue unavailable" in ln]
+    assert len(warned) == 1 and "no `ninja`" in warned[0], res.stderr
