@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from . import native
+
 Tensor = torch.Tensor
 
 # The fused strategy on the torch backend streams the vocabulary in tiles of about this many logits
@@ -123,6 +125,9 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
 
 def chunk_stats(logits: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
     """lse, logp and entropy of z = logits / temperature, row by row (see kernels.chunk_epilogue)."""
+    native_out = native.chunk_stats(logits, targets, temperature, return_entropy)  # None: not applicable
+    if native_out is not None:
+        return native_out
     z = _scaled(logits, temperature)
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, targets.long().unsqueeze(1)).squeeze(1) - lse
@@ -163,6 +168,8 @@ def chunk_dlogits_(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, t
     Returns the result: `logits` itself, or with a 16-bit `out_dtype` and an fp32 buffer the strided 16-bit view
     written over the first half of each row (pack_rows_). For fp32/fp64 buffers without the entropy term every
     step is in place; the entropy term needs one temporary of the chunk's size."""
+    if native.chunk_dlogits_(logits, targets, lse, grad, temperature, entropy, grad_entropy, out_dtype) is not None:
+        return logits  # the C++ epilogue (CPU fp32/fp64, in place); None: not applicable
     acc = _acc_dtype(logits.dtype)
     p = logits if logits.dtype == acc else logits.to(acc)
     if temperature != 1.0:
