@@ -96,6 +96,31 @@ def prune(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------------
 # Save / load
 # ----------------------------------------------------------------------------------------------------------------
+def _write_run_state(tmp: Path, tokenizer, scheduler, trainer_state: dict, rng_states: list[dict],
+                     rollout_buffer: list | None) -> None:
+    """The files every checkpoint holds beside its weights and optimizer state."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_states, tmp / "rng_state.pt")
+    if rollout_buffer is not None:
+        torch.save(rollout_buffer, tmp / "rollout_buffer.pt")
+    with open(tmp / STATE_FILE, "w") as f:
+        json.dump(trainer_state, f, indent=1)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary folder to its final name; the same step saved again (e.g. after a resume)
+    swaps the old one out first, so a complete checkpoint exists at every moment."""
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".trash-{final.name}-", dir=final.parent))
+        os.replace(final, trash / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def save(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
          rng_states: list[dict], rollout_buffer: list | None = None, save_total_limit: int | None = None) -> Path:
     """Write checkpoint-<step> atomically (call on the main rank only) and prune old ones."""
@@ -114,22 +139,9 @@ def save(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_
             lora.save_adapter(model, tmp)  # the adapter only, not the base weights
         else:
             model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng_state.pt")
-        if rollout_buffer is not None:
-            torch.save(rollout_buffer, tmp / "rollout_buffer.pt")
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump(trainer_state, f, indent=1)
-        if final.exists():  # the same step saved again (e.g. after a resume): swap the old one out first
-            trash = Path(tempfile.mkdtemp(prefix=f".trash-{PREFIX}{step}-", dir=root))
-            os.replace(final, trash / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _write_run_state(tmp, tokenizer, scheduler, trainer_state, rng_states, rollout_buffer)
+        _publish(tmp, final)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -238,21 +250,8 @@ def save_sharded(output_dir, step: int, model, tokenizer, optimizer, scheduler, 
                 model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
             else:
                 model.config.save_pretrained(tmp)  # what the model is; its weights are in dcp/
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_states, tmp / "rng_state.pt")
-            if rollout_buffer is not None:
-                torch.save(rollout_buffer, tmp / "rollout_buffer.pt")
-            with open(tmp / STATE_FILE, "w") as f:
-                json.dump(trainer_state, f, indent=1)
-            if final.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".trash-{PREFIX}{step}-", dir=root))
-                os.replace(final, trash / final.name)
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            _write_run_state(tmp, tokenizer, scheduler, trainer_state, rng_states, rollout_buffer)
+            _publish(tmp, final)
             prune(root, save_total_limit)
         ok = True
     finally:
