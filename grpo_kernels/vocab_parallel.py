@@ -143,7 +143,7 @@ def agreed_chunk_rows(shard: Shard, what: str, chunk_size: Optional[int], num_ro
     if oom is not None:
         raise oom
     raise torch.cuda.OutOfMemoryError(
-        f"grpo_kernels: {what} (vocab-parallel): another rank of process_group has not the memory for a chunk of "
+        f"grpo_kernels: {what} (vocab-parallel): another rank of process_group lacks the memory for a chunk of "
         "logits of its shard (its error says how much); pass a smaller chunk_size or free memory there")
 
 
