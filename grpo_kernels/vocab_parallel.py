@@ -248,6 +248,25 @@ class _ShardGrads:
         return d_rows, dw, db
 
 
+def _recomputed_grads(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, g: Tensor,
+                      temperature: float, shard: Shard, chunk: int, needs: tuple, entropy: Optional[Tensor] = None,
+                      grad_entropy: Optional[Tensor] = None):
+    """Gradients w.r.t. (h, weight, bias) of sum_i g_i logp_i (+ e_i entropy_i), this shard's logits recomputed
+    chunk by chunk from the saved global lse (and entropy): no communication per chunk, dH all-reduced once."""
+    M = h.shape[0]
+    grads = _ShardGrads(M, h, weight, needs, single_chunk=M <= chunk)
+    for s in range(0, M, chunk):
+        e = min(M, s + chunk)
+        buf = _shard_logits(h[s:e], weight, bias, temperature).sub_(lse[s:e].unsqueeze(1))  # log p_v
+        if grad_entropy is None:
+            dz = _dlogits_(buf.exp_(), targets[s:e], shard, g[s:e], temperature)
+        else:
+            dz = _dlogits_(buf, targets[s:e], shard, g[s:e], temperature, entropy[s:e], grad_entropy[s:e])
+        grads.add(dz, s, e, h[s:e], weight)
+        del buf, dz
+    return grads.finish(shard, h, weight, bias)
+
+
 # ------------------------------------------------------------------------------------------------ log-probs
 
 class VocabParallelLogprobs(torch.autograd.Function):
@@ -270,21 +289,10 @@ class VocabParallelLogprobs(torch.autograd.Function):
         needs = (n[0], n[1], bias is not None and n[2])
         if not any(needs):
             return None, None, None, None, None, None, None, None
-        tau, shard = ctx.temperature, ctx.shard
         g = grad_logp.to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
         e_grad = None if grad_entropy is None or ent is None else grad_entropy.to(lse.dtype)
-        M = h2d.shape[0]
-        grads = _ShardGrads(M, h2d, weight, needs, single_chunk=M <= ctx.chunk)
-        for s in range(0, M, ctx.chunk):
-            e = min(M, s + ctx.chunk)
-            buf = _shard_logits(h2d[s:e], weight, bias, tau).sub_(lse[s:e].unsqueeze(1))  # log p_v
-            if e_grad is None:
-                dz = _dlogits_(buf.exp_(), targets[s:e], shard, g[s:e], tau)
-            else:
-                dz = _dlogits_(buf, targets[s:e], shard, g[s:e], tau, ent[s:e], e_grad[s:e])
-            grads.add(dz, s, e, h2d[s:e], weight)
-            del buf, dz
-        dh, dw, db = grads.finish(shard, h2d, weight, bias)
+        dh, dw, db = _recomputed_grads(h2d, weight, bias, targets, lse, g, ctx.temperature, ctx.shard, ctx.chunk,
+                                       needs, ent, e_grad)
         return dh, dw, db, None, None, None, None, None
 
 
@@ -316,7 +324,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
 
 class VocabParallelGRPOLoss(torch.autograd.Function):
     """Loss and metrics; like the chunked strategy, gradients are made chunk by chunk in the forward (dH
-    all-reduced once at its end), and backward only scales them by grad_output."""
+    all-reduced once at its end), and backward only scales them by grad_output. fp16 inputs defer them to the
+    backward as the chunked strategy does (logits recomputed): made with grad_output = 1, fp16 dL/dlogits would
+    underflow before GradScaler's factor reaches them."""
 
     @staticmethod
     def forward(ctx, h2d, weight, bias, plan, opts: LossOptions, shard: Shard, chunk: int, kl_on: bool,
@@ -324,41 +334,61 @@ class VocabParallelGRPOLoss(torch.autograd.Function):
         n = ctx.needs_input_grad  # stays True under torch.no_grad: grad_on is the caller's grad mode
         needs = (grad_on and n[0], grad_on and n[1], grad_on and bias is not None and n[2])
         need_grad = any(needs)
+        defer = need_grad and h2d.dtype == torch.float16
         acc = _acc_dtype(h2d.dtype)
         totals = _Totals.zeros(h2d.device, acc)
         chunks = plan.chunks(chunk, opts.needs_whole_sequences)
-        grads = _ShardGrads(plan.num_rows, h2d, weight, needs, single_chunk=len(chunks) <= 1)
+        grads = None if defer else _ShardGrads(plan.num_rows, h2d, weight, needs, single_chunk=len(chunks) <= 1)
+        if defer:  # per row of plan.rows: what the backward needs to rebuild dL/dlogits
+            lse_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
+            g_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
         for start, end in chunks:
             idx = plan.rows[start:end]
             h_chunk = h2d.index_select(0, idx)
             targets = plan.targets.index_select(0, idx)
             z = _shard_logits(h_chunk, weight, bias, opts.temperature)
-            _, logp, ent, p = _stats(z, targets, shard, opts.compute_entropy)
+            lse, logp, ent, p = _stats(z, targets, shard, opts.compute_entropy)
             del z
             parts = token_loss_and_grad(logp, plan.terms(start, end), opts, need_grad)
             totals.add(parts)
             if ent is not None:
                 totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
-            if need_grad:
+            if defer:
+                lse_rows[start:end], g_rows[start:end] = lse, parts.grad
+            elif need_grad:
                 grads.add(_dlogits_(p, targets, shard, parts.grad, opts.temperature), start, end, h_chunk, weight)
             del p
         skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "chunked", _ShardOps(shard), chunk)
         if skipped is not None:  # masked-in tokens skipped above still count in the entropy
             totals.entropy += skipped
-        d_rows, d_weight, d_bias = grads.finish(shard, h2d, weight, bias)
-        d_hidden = None
-        if d_rows is not None:
-            d_hidden = h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.defer = defer
+        if defer:
+            ctx.save_for_backward(h2d, weight, bias, lse_rows, g_rows)
+            ctx.plan, ctx.needs, ctx.shard, ctx.chunk, ctx.temperature = plan, needs, shard, chunk, opts.temperature
+        else:
+            d_rows, d_weight, d_bias = grads.finish(shard, h2d, weight, bias)
+            ctx.save_for_backward(_scatter_rows(d_rows, plan, h2d), d_weight, d_bias)
         out = _finish_metrics(totals, plan, opts, kl_on)
         ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
         return out
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+        if not ctx.defer:
+            d_hidden, d_weight, d_bias = ctx.saved_tensors
+            scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+            return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+        h2d, weight, bias, lse_rows, g_rows = ctx.saved_tensors
+        plan = ctx.plan
+        d_rows, d_weight, d_bias = _recomputed_grads(
+            h2d.index_select(0, plan.rows), weight, bias, plan.targets.index_select(0, plan.rows), lse_rows,
+            g_rows * grad_loss.to(g_rows.dtype), ctx.temperature, ctx.shard, ctx.chunk, ctx.needs)
+        return _scatter_rows(d_rows, plan, h2d), d_weight, d_bias, None, None, None, None, None, None
+
+
+def _scatter_rows(d_rows: Optional[Tensor], plan, h2d: Tensor) -> Optional[Tensor]:
+    """dH of the active rows -> dH of every row (zeros for the rows the loss does not see)."""
+    return None if d_rows is None else h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
 
 
 def fused_linear_grpo_loss(opts: LossOptions, process_group, hidden, weight, bias, ids, mask, adv, old, ref, rho,

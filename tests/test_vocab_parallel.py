@@ -41,6 +41,10 @@ LOSS_CASES = {
 # bf16 on the CPU: dL/dlogits rounded to bf16 as the GEMM operand (pack_rows_), dW summed in fp32 in place
 BF16_LOSS = (dict(seed=9, bias=True, ref="given", dtype=torch.bfloat16),
              dict(loss_type="dapo", beta=0.04, compute_entropy=True, temperature=0.9, chunk_size=5))
+# fp16, tiny per-token weights and a GradScaler-like grad_output: gradients deferred to the backward
+FP16_LOSS = (dict(seed=10, bias=True, ref="given", dtype=torch.float16, num_items=200000),
+             dict(loss_type="dapo", beta=0.05, temperature=0.9, chunk_size=5))
+FP16_SCALE = 2.0 ** 16
 # name -> (seed, temperature, bias, return_entropy, frozen head, chunk_size)
 LOGP_CASES = {
     "logp_entropy_bias": (11, 0.7, True, True, False, 4),
@@ -49,8 +53,12 @@ LOGP_CASES = {
 }
 
 
-def _problem(seed, zero_adv=None, dtype=torch.float32, **kw):
-    p = oracle.make_problem(B, T, H, V, seed=seed, dtype=dtype, **kw)
+def _problem(seed, zero_adv=None, dtype=torch.float32, num_items=None, **kw):
+    if isinstance(num_items, int):
+        p = oracle.make_problem(B, T, H, V, seed=seed, dtype=dtype, **kw)
+        p["num_items_in_batch"] = num_items
+    else:
+        p = oracle.make_problem(B, T, H, V, seed=seed, dtype=dtype, num_items=num_items, **kw)
     if zero_adv is not None:
         p["advantages"][zero_adv] = 0.0
     return p
@@ -73,10 +81,10 @@ def _leaves(p: dict, frozen: bool) -> dict:
     return out
 
 
-def _run_loss(p, opts, frozen, pg=None):
+def _run_loss(p, opts, frozen, pg=None, grad_output=0.75):
     a = _leaves(p, frozen)
     loss, metrics = gk.fused_linear_grpo_loss(**a, process_group=pg, backend="torch", **opts)
-    (loss * 0.75).backward()  # grad_output != 1 reaches every gradient
+    (loss * grad_output).backward()  # grad_output != 1 reaches every gradient
     grads = {k: a[k].grad for k in ("hidden", "weight", "bias") if a.get(k) is not None and a[k].requires_grad}
     return dict(loss=loss.detach(), metrics=metrics.as_dict(), grads=grads)
 
@@ -188,6 +196,7 @@ def _worker(rank, world, init_file, out_dir):
         res["bf16_loss"] = _run_loss(_shard(_problem(**BF16_LOSS[0]), rank), BF16_LOSS[1], False, pg)
         res["bf16_logp"] = _run_logp("logp_entropy_bias", rank, pg, dtype=torch.bfloat16)
         res["chunks"] = _chunk_agreement(rank, pg)
+        res["fp16_loss"] = _run_loss(_shard(_problem(**FP16_LOSS[0]), rank), FP16_LOSS[1], False, pg, FP16_SCALE)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -303,6 +312,19 @@ def test_bf16_loss_and_logprobs_match_float64(ranks):
         assert rel_err(got["entropy"], ent) <= 1e-4 and rel_err(got["nograd"], logp) <= 1e-4
     _check_grads([ranks[r]["bf16_logp"]["grads"] for r in range(2)],
                  {k: leaves[k].grad for k in ("hidden", "weight", "bias")}, 1e-2, "bf16 logp", torch.bfloat16)
+
+
+def test_fp16_small_gradients_survive_grad_scaler(ranks):
+    """As tests/test_fused_linear_grpo.py's test of that name: unscaled, dL/dlogits and the gradients sit below
+    fp16's normal range, so made in the forward with grad_output = 1 they would underflow; scaled gradients must
+    match float64 * 2**16 to fp16 precision on every rank."""
+    p = _problem(**FP16_LOSS[0])
+    opts = {k: v for k, v in FP16_LOSS[1].items() if k != "chunk_size"}
+    _, _, e_grads = oracle.oracle_run(p, **opts)
+    for k, e in e_grads.items():
+        assert e.abs().max() * FP16_SCALE > 6e-5 and e.abs().max() < 6e-5, k
+    _check_grads([ranks[r]["fp16_loss"]["grads"] for r in range(2)], {k: e * FP16_SCALE for k, e in e_grads.items()},
+                 1e-2, "fp16 scaled", torch.float16)
 
 
 def test_ranks_agree_on_chunk_rows_and_fail_together(ranks):
