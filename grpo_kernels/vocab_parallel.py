@@ -134,8 +134,11 @@ def agreed_chunk_rows(shard: Shard, what: str, chunk_size: Optional[int], num_ro
     try:
         rows, oom = size_call(what, "chunked", chunk_size, num_rows, shard.size, h.shape[1], _acc_dtype(h.dtype),
                               h.device, True, weight_grad).chunk_size, None
-    except torch.cuda.OutOfMemoryError as e:
-        rows, oom = 0, e
+    except torch.cuda.OutOfMemoryError as e:  # sizing's advice to pass strategy='fused' does not apply here
+        rows = 0
+        oom = torch.cuda.OutOfMemoryError(str(e).split(" Pass strategy='fused'")[0]
+                                          + " The vocab-parallel path has no fused strategy: pass a smaller "
+                                          "chunk_size, use more ranks, or free memory.")
     agreed = torch.tensor([rows], dtype=torch.int64, device=h.device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=shard.group)
     if int(agreed) > 0:
@@ -143,7 +146,7 @@ def agreed_chunk_rows(shard: Shard, what: str, chunk_size: Optional[int], num_ro
     if oom is not None:
         raise oom
     raise torch.cuda.OutOfMemoryError(
-        f"grpo_kernels: {what} (vocab-parallel): another rank of process_group lacks the memory for a chunk of "
+        f"grpo_kernels: {what}: another rank of process_group lacks the memory for a chunk of "
         "logits of its shard (its error says how much); pass a smaller chunk_size or free memory there")
 
 
@@ -310,7 +313,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     if opts.validate:
         check_same_inputs(shard, {"hidden": h2d, "targets": flat.reshape(-1, 1)})
     checks.check_targets("targets", targets, shard.vocab, None, opts.validate)
-    chunk = agreed_chunk_rows(shard, "linear_logprobs", opts.chunk_size, flat.numel(), h2d,
+    chunk = agreed_chunk_rows(shard, "linear_logprobs (vocab-parallel)", opts.chunk_size, flat.numel(), h2d,
                               torch.is_grad_enabled() and weight.requires_grad)
     logp, entropy = VocabParallelLogprobs.apply(h2d, weight, bias, flat.long(), float(opts.temperature),
                                                 return_entropy, shard, chunk)
@@ -411,7 +414,7 @@ def fused_linear_grpo_loss(opts: LossOptions, process_group, hidden, weight, bia
     kl_on = opts.beta != 0.0 and (ref is not None or ref_input is not None)
     plan = make_plan(ids, mask, adv, old, ref, rho, num_items, opts, kl_on, acc)  # the same on every rank
     # sized by the rows the GEMMs see: the active rows, or the skipped rows' entropy pass when it is larger
-    chunk = agreed_chunk_rows(shard, "fused_linear_grpo_loss", opts.chunk_size,
+    chunk = agreed_chunk_rows(shard, "fused_linear_grpo_loss (vocab-parallel)", opts.chunk_size,
                               max(plan.num_rows, plan.num_entropy_rows), h2d,
                               torch.is_grad_enabled() and weight.requires_grad)
     if ref_input is not None:  # reference log-probs of the tokens that need them, without grad

@@ -165,7 +165,8 @@ def _chunk_agreement(rank, pg) -> dict:
     real = vp.size_call
 
     def no_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("rank 1: no memory (test)")
+        raise torch.cuda.OutOfMemoryError("rank 1: no memory (test). Pass strategy='fused' (O(tokens) extra "
+                                          "memory), a smaller chunk_size, or free memory.")  # sizing's wording
 
     vp.size_call = no_memory if rank == 1 else real
     try:
@@ -340,6 +341,7 @@ def test_ranks_agree_on_chunk_rows_and_fail_together(ranks):
                                           weight_grad=wg) for v in rows)
             assert got["sized"][dt] == want, (r, dt, got["sized"][dt], want)
         assert "rank 1: no memory (test)" in got["oom"] if r == 1 else "another rank of process_group" in got["oom"]
+        assert "strategy='fused'" not in got["oom"] and "chunk_size" in got["oom"]  # the advice that applies here
     single = _run_loss(_problem(**LOSS_CASES["dapo_token_kl_bias"][0]), LOSS_CASES["dapo_token_kl_bias"][1], False)
     for r in range(2):
         got = ranks[r]["chunks"]["mixed_chunk_loss"]
