@@ -8,10 +8,15 @@ A_r = sum_{v in r} exp(z_v - m) (z_v - m). So lse = m + log S, logp = (z_y - m) 
 entropy = log S - A/S (two non-negative terms: no cancellation). dL/dz_v = g (1[v = y] - p_v) - e p_v (log p_v +
 entropy) needs only these per-token numbers, so dW and db rows stay local and dH is one all-reduce SUM of N x H.
 
-Backend: PyTorch ops on the local shard whatever the device (the Triton epilogues assume the whole vocabulary);
-memory is one [chunk, V_r] buffer of fp32 logits plus its softmax. Communication per call: one all_gather of
-3 ints per rank (shard layout), per chunk of c tokens one MAX all-reduce of c floats and one SUM all-reduce of 2c
-(3c with entropy) floats, and, when hidden needs a gradient, one SUM all-reduce of N x H fp32 (dH).
+Backend: PyTorch ops on the local shard whatever the device (the Triton epilogues assume the whole vocabulary).
+The GEMMs are the project's (`torch_ops.linear_fp32` / `gemm_into`: fp32 logits from 16-bit operands, dL/dlogits
+rounded to the input's 16-bit dtype only as a GEMM operand, dW summed in place in one fp32 buffer); the chunk
+driver pieces are the chunked strategy's (`strategies.forward_stats`, `_Grads`) fed with this shard's statistics.
+Memory: per chunk an fp32 [chunk, V_r] logits buffer plus its softmax; chunk rows come from `grpo_kernels.sizing`
+(the allocator-aware budget, 1024-row floor and OOM error of every other path), the smallest over the ranks.
+Communication per call: one all_gather of 3 ints per rank (shard layout), one MIN all-reduce of 1 int (chunk
+rows), per chunk of c tokens one MAX all-reduce of c floats and one SUM all-reduce of 2c (3c with entropy)
+floats, and, when hidden needs a gradient, one SUM all-reduce of N x H fp32 (dH).
 The returned dH is the full gradient on every rank: do not all-reduce it again (e.g. Megatron's
 copy_to_tensor_model_parallel_region in front of the head would double it). Every rank must make the same calls
 with the same gradient needs (the all-reduces are collectives); the plan of active tokens is the same everywhere
@@ -27,14 +32,16 @@ import torch
 import torch.distributed as dist
 
 from . import batch as checks
+from . import torch_ops
 from .batch import make_plan
 from .loss_math import token_loss_and_grad
 from .metrics import LossMetrics
 from .options import LossOptions
-from .strategies import _finish_metrics, _Totals
+from .sizing import size_call
+from .strategies import _finish_metrics, _Grads, _operand_dtype, _skipped_entropy, _Totals, forward_stats
+from .torch_ops import _acc_dtype
 
 Tensor = torch.Tensor
-_GIB = 1 << 30
 
 
 # ------------------------------------------------------------------------------------------ the shard layout
@@ -113,45 +120,41 @@ def _check_options(opts: LossOptions) -> None:
                          "chunked over tokens; use strategy='auto' or 'chunked'")
 
 
-def _chunk_rows(num_rows: int, shard_rows: int, device: torch.device, chunk_size: Optional[int]) -> int:
-    """Rows per chunk so that the fp32 logits buffer and its softmax (two [chunk, V_r] buffers, plus a transient
-    one during the backward) stay modest."""
-    if chunk_size:
-        return chunk_size
-    per_row = 3 * shard_rows * 4
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(free // 4, int(2.5 * _GIB))
-    else:
-        budget = 96 << 20
-    rows = max(16, budget // per_row)
-    if rows > 256:
-        rows -= rows % 256
-    return int(min(rows, max(num_rows, 1)))
+def agreed_chunk_rows(shard: Shard, what: str, chunk_size: Optional[int], num_rows: int, h: Tensor,
+                      weight_grad: bool) -> int:
+    """Rows per chunk, the same on every rank: the per-chunk all-reduces must match in count and size.
+
+    Each rank sizes the call as every other path does (`sizing.size_call`, always chunked) for its shard: per
+    token row an fp32 z and its softmax p ([rows, V_r] each), plus one more such row as headroom for transients
+    (GEMM fallback slices, pack_rows_' first block) -- exactly `chunk_row_bytes(V_r, fp32, torch_epilogue=True)`,
+    so the sizing dtype is the accumulation dtype even for 16-bit inputs (no 16-bit buffer is upcast here) -- and
+    the fp32 [V_r, H] dW accumulator when the weight needs a gradient. The ranks then take the smallest (one MIN
+    all-reduce; a given chunk_size goes through it too). A rank where even the 1024-row floor does not fit sends
+    0, and every rank raises torch.cuda.OutOfMemoryError instead of one rank leaving the others in a collective."""
+    try:
+        rows, oom = size_call(what, "chunked", chunk_size, num_rows, shard.size, h.shape[1], _acc_dtype(h.dtype),
+                              h.device, True, weight_grad).chunk_size, None
+    except torch.cuda.OutOfMemoryError as e:  # sizing's advice to pass strategy='fused' does not apply here
+        rows = 0
+        oom = torch.cuda.OutOfMemoryError(str(e).split(" Pass strategy='fused'")[0]
+                                          + " The vocab-parallel path has no fused strategy: pass a smaller "
+                                          "chunk_size, use more ranks, or free memory.")
+    agreed = torch.tensor([rows], dtype=torch.int64, device=h.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=shard.group)
+    if int(agreed) > 0:
+        return int(agreed)
+    if oom is not None:
+        raise oom
+    raise torch.cuda.OutOfMemoryError(
+        f"grpo_kernels: {what}: another rank of process_group lacks the memory for a chunk of "
+        "logits of its shard (its error says how much); pass a smaller chunk_size or free memory there")
 
 
 # --------------------------------------------------------------------------------------- per-chunk pieces
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """a @ b with a result in `acc`. On CUDA the operands stay in b's dtype (a is cast to it: dL/dlogits may be
-    16-bit as a GEMM operand) with an fp32 output; the CPU has no mixed-precision GEMM, so it upcasts."""
-    if b.dtype == acc:
-        return a.to(acc) @ b
-    if b.is_cuda:
-        return torch.mm(a.to(b.dtype), b, out_dtype=acc)
-    return a.to(acc) @ b.to(acc)
-
-
 def _shard_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
     """z = (h W_r^T + b_r) / tau in fp32 (fp64 for fp64 inputs): never rounded to 16 bits."""
-    acc = _acc(h.dtype)
-    z = _mm(h, weight.T, acc)
-    if bias is not None:
-        z.add_(bias.to(acc))
+    z = torch_ops.linear_fp32(h, weight, bias)
     if temperature != 1.0:
         z.mul_(1.0 / temperature)
     return z
@@ -184,60 +187,87 @@ def _stats(z: Tensor, targets: Tensor, shard: Shard, with_entropy: bool):
     return m + log_s, packed[1] - log_s, entropy, p
 
 
-def _dlogits_(p: Tensor, targets: Tensor, shard: Shard, grad: Tensor, temperature: float) -> Tensor:
-    """In place on p (this shard's softmax): dL/d(W h + b) = grad (1[v = y] - p_v) / tau."""
-    scale = (grad.to(p.dtype) / temperature).unsqueeze(1)
+def _dlogits_(buf: Tensor, targets: Tensor, shard: Shard, grad: Tensor, temperature: float,
+              entropy: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None) -> Tensor:
+    """In place on buf, this shard's columns of dL/d(W h + b) = [g (1[v = y] - p_v) - e p_v (log p_v + H)] / tau
+    (p the global softmax, H the entropy): buf holds p_v, or log p_v when grad_entropy (e) is given (the e-term
+    needs both; p is then one transient buffer). The one-hot lands only on the rows whose target this rank owns."""
+    scale = (grad.to(buf.dtype) / temperature).unsqueeze(1)
+    if grad_entropy is None:
+        buf.mul_(-scale)
+    else:  # -p (g + e (log p + H)) / tau, built in the log p buffer
+        p = torch.exp(buf)
+        e = (grad_entropy.to(buf.dtype) / temperature).unsqueeze(1)
+        buf.add_(entropy.to(buf.dtype).unsqueeze(1)).mul_(e).add_(scale).mul_(p).neg_()
+        del p
     col, owned = _local_targets(targets, shard)
-    p.mul_(-scale)
-    p.scatter_add_(1, col.unsqueeze(1), torch.where(owned.unsqueeze(1), scale, torch.zeros_like(scale)))
-    return p
+    buf.scatter_add_(1, col.unsqueeze(1), torch.where(owned.unsqueeze(1), scale, torch.zeros_like(scale)))
+    return buf
+
+
+class _ShardOps:
+    """The `ops.chunk_stats` that `strategies.forward_stats` / `_skipped_entropy` call, over the whole vocabulary
+    from this rank's shard of logits (collectives inside: every rank makes the same calls)."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+
+    def chunk_stats(self, logits: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
+        if temperature != 1.0:  # logits is the chunk's own fp32 buffer (strategies._logits)
+            logits.mul_(1.0 / temperature)
+        lse, logp, entropy, _ = _stats(logits, targets, self.shard, return_entropy)
+        return lse, logp, entropy
+
+
+def _forward_stats(h, weight, bias, targets, temperature, with_entropy, shard, chunk):
+    """lse, logp and entropy of every row of h, without gradients (log-probs forward, reference log-probs)."""
+    return forward_stats(h, weight, bias, targets, temperature, with_entropy, "chunked", _ShardOps(shard), chunk)
 
 
 class _ShardGrads:
-    """dH rows (partial sums over this shard's vocabulary, fp32, all-reduced once at the end), dW and db rows of
-    this shard (fp32 across chunks, local, one cast at the end)."""
+    """dH rows: partial sums over this shard's vocabulary in fp32 (written per chunk with gemm_into, all-reduced
+    once at the end, then cast); dW and db rows of this shard: the chunked strategy's `_Grads` (fp32 accumulated in
+    place across chunks, one cast at the end). dL/dlogits is a GEMM operand in the input's 16-bit dtype, rounded
+    over the first half of each row of its own fp32 buffer (`torch_ops.pack_rows_`: no second buffer)."""
 
-    def __init__(self, rows: int, h: Tensor, weight: Tensor, bias: Optional[Tensor], needs: tuple):
-        acc = _acc(weight.dtype)
-        self.needs = needs
-        self.d_rows = h.new_zeros(rows, h.shape[1], dtype=acc) if needs[0] else None
-        self.d_weight = weight.new_zeros(weight.shape, dtype=acc) if needs[1] else None
-        self.d_bias = weight.new_zeros(weight.shape[0], dtype=acc) if needs[2] and bias is not None else None
+    def __init__(self, rows: int, h: Tensor, weight: Tensor, needs: tuple, single_chunk: bool):
+        self.d_rows = h.new_zeros(rows, h.shape[1], dtype=_acc_dtype(h.dtype)) if needs[0] else None
+        self.local_needs = (False, needs[1], needs[2])
+        self.local = _Grads.make(rows, h, weight, self.local_needs, single_chunk)
+        self.op_dtype = _operand_dtype(h.dtype)
 
     def add(self, dz: Tensor, s: int, e: int, h_chunk: Tensor, weight: Tensor) -> None:
+        op = dz if self.op_dtype is None else torch_ops.pack_rows_(dz, self.op_dtype)
         if self.d_rows is not None:
-            self.d_rows[s:e] = _mm(dz, weight, self.d_rows.dtype)
-        if self.d_weight is not None:
-            self.d_weight += _mm(dz.T, h_chunk, self.d_weight.dtype)
-        if self.d_bias is not None:
-            self.d_bias += dz.sum(0, dtype=self.d_bias.dtype)
+            torch_ops.gemm_into(self.d_rows[s:e], op, weight)
+        self.local.add(op, None, h_chunk, weight, self.local_needs)
 
     def finish(self, shard: Shard, h: Tensor, weight: Tensor, bias: Optional[Tensor]):
         d_rows = self.d_rows
         if d_rows is not None:
             dist.all_reduce(d_rows, op=dist.ReduceOp.SUM, group=shard.group)
             d_rows = d_rows.to(h.dtype)
-        dw = None if self.d_weight is None else self.d_weight.to(weight.dtype)
-        db = None if self.d_bias is None else self.d_bias.to(bias.dtype)
+        _, dw, db = self.local.finish(weight, bias, self.local_needs)
         return d_rows, dw, db
 
 
-def forward_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
-                  with_entropy: bool, shard: Shard, chunk: int):
-    """lse, logp and entropy of every row of h, without gradients (reference log-probs, skipped-token entropy)."""
+def _recomputed_grads(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, g: Tensor,
+                      temperature: float, shard: Shard, chunk: int, needs: tuple, entropy: Optional[Tensor] = None,
+                      grad_entropy: Optional[Tensor] = None):
+    """Gradients w.r.t. (h, weight, bias) of sum_i g_i logp_i (+ e_i entropy_i), this shard's logits recomputed
+    chunk by chunk from the saved global lse (and entropy): no communication per chunk, dH all-reduced once."""
     M = h.shape[0]
-    acc = _acc(h.dtype)
-    lse = torch.empty(M, dtype=acc, device=h.device)
-    logp = torch.empty(M, dtype=acc, device=h.device)
-    ent = torch.empty(M, dtype=acc, device=h.device) if with_entropy else None
+    grads = _ShardGrads(M, h, weight, needs, single_chunk=M <= chunk)
     for s in range(0, M, chunk):
         e = min(M, s + chunk)
-        c_lse, c_logp, c_ent, _ = _stats(_shard_logits(h[s:e], weight, bias, temperature), targets[s:e], shard,
-                                         with_entropy)
-        lse[s:e], logp[s:e] = c_lse, c_logp
-        if ent is not None:
-            ent[s:e] = c_ent
-    return lse, logp, ent
+        buf = _shard_logits(h[s:e], weight, bias, temperature).sub_(lse[s:e].unsqueeze(1))  # log p_v
+        if grad_entropy is None:
+            dz = _dlogits_(buf.exp_(), targets[s:e], shard, g[s:e], temperature)
+        else:
+            dz = _dlogits_(buf, targets[s:e], shard, g[s:e], temperature, entropy[s:e], grad_entropy[s:e])
+        grads.add(dz, s, e, h[s:e], weight)
+        del buf, dz
+    return grads.finish(shard, h, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
@@ -249,7 +279,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2d, weight, bias, targets, temperature: float, return_entropy: bool, shard: Shard,
                 chunk: int):
-        lse, logp, ent = forward_stats(h2d, weight, bias, targets, temperature, return_entropy, shard, chunk)
+        lse, logp, ent = _forward_stats(h2d, weight, bias, targets, temperature, return_entropy, shard, chunk)
         ctx.save_for_backward(h2d, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.shard, ctx.chunk = temperature, shard, chunk
         out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -262,27 +292,10 @@ class VocabParallelLogprobs(torch.autograd.Function):
         needs = (n[0], n[1], bias is not None and n[2])
         if not any(needs):
             return None, None, None, None, None, None, None, None
-        tau, shard = ctx.temperature, ctx.shard
         g = grad_logp.to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
         e_grad = None if grad_entropy is None or ent is None else grad_entropy.to(lse.dtype)
-        M = h2d.shape[0]
-        grads = _ShardGrads(M, h2d, weight, bias, needs)
-        for s in range(0, M, ctx.chunk):
-            e = min(M, s + ctx.chunk)
-            logp_v = _shard_logits(h2d[s:e], weight, bias, tau).sub_(lse[s:e].unsqueeze(1))  # log p_v
-            p = torch.exp(logp_v)
-            col, owned = _local_targets(targets[s:e], shard)
-            g_c = g[s:e].unsqueeze(1)
-            if e_grad is None:
-                dz = p.mul_(-g_c)
-            else:  # -p (g + e (log p + entropy)), built in the log p buffer
-                dz = logp_v.add_(ent[s:e].unsqueeze(1)).mul_(e_grad[s:e].unsqueeze(1)).add_(g_c).mul_(p).neg_()
-                del p
-            dz.scatter_add_(1, col.unsqueeze(1), torch.where(owned.unsqueeze(1), g_c, torch.zeros_like(g_c)))
-            if tau != 1.0:
-                dz.mul_(1.0 / tau)
-            grads.add(dz, s, e, h2d[s:e], weight)
-        dh, dw, db = grads.finish(shard, h2d, weight, bias)
+        dh, dw, db = _recomputed_grads(h2d, weight, bias, targets, lse, g, ctx.temperature, ctx.shard, ctx.chunk,
+                                       needs, ent, e_grad)
         return dh, dw, db, None, None, None, None, None
 
 
@@ -300,7 +313,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     if opts.validate:
         check_same_inputs(shard, {"hidden": h2d, "targets": flat.reshape(-1, 1)})
     checks.check_targets("targets", targets, shard.vocab, None, opts.validate)
-    chunk = _chunk_rows(flat.numel(), shard.size, hidden.device, opts.chunk_size)
+    chunk = agreed_chunk_rows(shard, "linear_logprobs (vocab-parallel)", opts.chunk_size, flat.numel(), h2d,
+                              torch.is_grad_enabled() and weight.requires_grad)
     logp, entropy = VocabParallelLogprobs.apply(h2d, weight, bias, flat.long(), float(opts.temperature),
                                                 return_entropy, shard, chunk)
     logp = logp.reshape(targets.shape)
@@ -313,7 +327,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
 
 class VocabParallelGRPOLoss(torch.autograd.Function):
     """Loss and metrics; like the chunked strategy, gradients are made chunk by chunk in the forward (dH
-    all-reduced once at its end), and backward only scales them by grad_output."""
+    all-reduced once at its end), and backward only scales them by grad_output. fp16 inputs defer them to the
+    backward as the chunked strategy does (logits recomputed): made with grad_output = 1, fp16 dL/dlogits would
+    underflow before GradScaler's factor reaches them."""
 
     @staticmethod
     def forward(ctx, h2d, weight, bias, plan, opts: LossOptions, shard: Shard, chunk: int, kl_on: bool,
@@ -321,42 +337,61 @@ class VocabParallelGRPOLoss(torch.autograd.Function):
         n = ctx.needs_input_grad  # stays True under torch.no_grad: grad_on is the caller's grad mode
         needs = (grad_on and n[0], grad_on and n[1], grad_on and bias is not None and n[2])
         need_grad = any(needs)
-        acc = _acc(h2d.dtype)
+        defer = need_grad and h2d.dtype == torch.float16
+        acc = _acc_dtype(h2d.dtype)
         totals = _Totals.zeros(h2d.device, acc)
-        grads = _ShardGrads(plan.num_rows, h2d, weight, bias, needs)
-        for start, end in plan.chunks(chunk, opts.needs_whole_sequences):
+        chunks = plan.chunks(chunk, opts.needs_whole_sequences)
+        grads = None if defer else _ShardGrads(plan.num_rows, h2d, weight, needs, single_chunk=len(chunks) <= 1)
+        if defer:  # per row of plan.rows: what the backward needs to rebuild dL/dlogits
+            lse_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
+            g_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
+        for start, end in chunks:
             idx = plan.rows[start:end]
             h_chunk = h2d.index_select(0, idx)
             targets = plan.targets.index_select(0, idx)
             z = _shard_logits(h_chunk, weight, bias, opts.temperature)
-            _, logp, ent, p = _stats(z, targets, shard, opts.compute_entropy)
+            lse, logp, ent, p = _stats(z, targets, shard, opts.compute_entropy)
             del z
             parts = token_loss_and_grad(logp, plan.terms(start, end), opts, need_grad)
             totals.add(parts)
             if ent is not None:
                 totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
-            if need_grad:
+            if defer:
+                lse_rows[start:end], g_rows[start:end] = lse, parts.grad
+            elif need_grad:
                 grads.add(_dlogits_(p, targets, shard, parts.grad, opts.temperature), start, end, h_chunk, weight)
             del p
-        rows = plan.entropy_rows
-        if rows is not None and rows.numel() > 0:  # masked-in tokens skipped above still count in the entropy
-            _, _, ent = forward_stats(h2d.index_select(0, rows), weight, bias, plan.targets.index_select(0, rows),
-                                      opts.temperature, True, shard, chunk)
-            totals.entropy += (plan.mask.index_select(0, rows).to(ent.dtype) * ent).sum()
-        d_rows, d_weight, d_bias = grads.finish(shard, h2d, weight, bias)
-        d_hidden = None
-        if d_rows is not None:
-            d_hidden = h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "chunked", _ShardOps(shard), chunk)
+        if skipped is not None:  # masked-in tokens skipped above still count in the entropy
+            totals.entropy += skipped
+        ctx.defer = defer
+        if defer:
+            ctx.save_for_backward(h2d, weight, bias, lse_rows, g_rows)
+            ctx.plan, ctx.needs, ctx.shard, ctx.chunk, ctx.temperature = plan, needs, shard, chunk, opts.temperature
+        else:
+            d_rows, d_weight, d_bias = grads.finish(shard, h2d, weight, bias)
+            ctx.save_for_backward(_scatter_rows(d_rows, plan, h2d), d_weight, d_bias)
         out = _finish_metrics(totals, plan, opts, kl_on)
         ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
         return out
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+        if not ctx.defer:
+            d_hidden, d_weight, d_bias = ctx.saved_tensors
+            scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+            return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+        h2d, weight, bias, lse_rows, g_rows = ctx.saved_tensors
+        plan = ctx.plan
+        d_rows, d_weight, d_bias = _recomputed_grads(
+            h2d.index_select(0, plan.rows), weight, bias, plan.targets.index_select(0, plan.rows), lse_rows,
+            g_rows * grad_loss.to(g_rows.dtype), ctx.temperature, ctx.shard, ctx.chunk, ctx.needs)
+        return _scatter_rows(d_rows, plan, h2d), d_weight, d_bias, None, None, None, None, None, None
+
+
+def _scatter_rows(d_rows: Optional[Tensor], plan, h2d: Tensor) -> Optional[Tensor]:
+    """dH of the active rows -> dH of every row (zeros for the rows the loss does not see)."""
+    return None if d_rows is None else h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
 
 
 def fused_linear_grpo_loss(opts: LossOptions, process_group, hidden, weight, bias, ids, mask, adv, old, ref, rho,
@@ -375,15 +410,18 @@ def fused_linear_grpo_loss(opts: LossOptions, process_group, hidden, weight, bia
                                   "vllm_is_ratio": rho,
                                   "ref_input": None if ref_input is None else ref_input.reshape(-1, H)})
     ids = checks.check_targets("selected_token_ids", ids, shard.vocab, mask, opts.validate)
-    acc = _acc(hidden.dtype)
+    acc = _acc_dtype(hidden.dtype)
     kl_on = opts.beta != 0.0 and (ref is not None or ref_input is not None)
     plan = make_plan(ids, mask, adv, old, ref, rho, num_items, opts, kl_on, acc)  # the same on every rank
-    chunk = _chunk_rows(plan.num_rows, shard.size, hidden.device, opts.chunk_size)
+    # sized by the rows the GEMMs see: the active rows, or the skipped rows' entropy pass when it is larger
+    chunk = agreed_chunk_rows(shard, "fused_linear_grpo_loss (vocab-parallel)", opts.chunk_size,
+                              max(plan.num_rows, plan.num_entropy_rows), h2d,
+                              torch.is_grad_enabled() and weight.requires_grad)
     if ref_input is not None:  # reference log-probs of the tokens that need them, without grad
         with torch.no_grad():
             ref_h = ref_input.reshape(-1, H).index_select(0, plan.rows)
-            _, ref_rows, _ = forward_stats(ref_h, ref_weight, ref_bias, plan.targets.index_select(0, plan.rows),
-                                           opts.temperature, False, shard, chunk)
+            _, ref_rows, _ = _forward_stats(ref_h, ref_weight, ref_bias, plan.targets.index_select(0, plan.rows),
+                                            opts.temperature, False, shard, chunk)
         plan.ref = torch.zeros_like(plan.mask).index_copy_(0, plan.rows, ref_rows.to(plan.mask.dtype))
     loss, kl, clip, low, high, entropy = VocabParallelGRPOLoss.apply(h2d, weight, bias, plan, opts, shard, chunk,
                                                                      kl_on, torch.is_grad_enabled())

@@ -38,6 +38,13 @@ LOSS_CASES = {
     "bnpo_token_fp64": (dict(seed=5, bias=True, ref="given", dtype=torch.float64),
                         dict(loss_type="bnpo", beta=0.04, compute_entropy=True, temperature=1.3), False),
 }
+# bf16 on the CPU: dL/dlogits rounded to bf16 as the GEMM operand (pack_rows_), dW summed in fp32 in place
+BF16_LOSS = (dict(seed=9, bias=True, ref="given", dtype=torch.bfloat16),
+             dict(loss_type="dapo", beta=0.04, compute_entropy=True, temperature=0.9, chunk_size=5))
+# fp16, tiny per-token weights and a GradScaler-like grad_output: gradients deferred to the backward
+FP16_LOSS = (dict(seed=10, bias=True, ref="given", dtype=torch.float16, num_items=200000),
+             dict(loss_type="dapo", beta=0.05, temperature=0.9, chunk_size=5))
+FP16_SCALE = 2.0 ** 16
 # name -> (seed, temperature, bias, return_entropy, frozen head, chunk_size)
 LOGP_CASES = {
     "logp_entropy_bias": (11, 0.7, True, True, False, 4),
@@ -46,8 +53,12 @@ LOGP_CASES = {
 }
 
 
-def _problem(seed, zero_adv=None, dtype=torch.float32, **kw):
-    p = oracle.make_problem(B, T, H, V, seed=seed, dtype=dtype, **kw)
+def _problem(seed, zero_adv=None, dtype=torch.float32, num_items=None, **kw):
+    if isinstance(num_items, int):
+        p = oracle.make_problem(B, T, H, V, seed=seed, dtype=dtype, **kw)
+        p["num_items_in_batch"] = num_items
+    else:
+        p = oracle.make_problem(B, T, H, V, seed=seed, dtype=dtype, num_items=num_items, **kw)
     if zero_adv is not None:
         p["advantages"][zero_adv] = 0.0
     return p
@@ -70,10 +81,10 @@ def _leaves(p: dict, frozen: bool) -> dict:
     return out
 
 
-def _run_loss(p, opts, frozen, pg=None):
+def _run_loss(p, opts, frozen, pg=None, grad_output=0.75):
     a = _leaves(p, frozen)
     loss, metrics = gk.fused_linear_grpo_loss(**a, process_group=pg, backend="torch", **opts)
-    (loss * 0.75).backward()  # grad_output != 1 reaches every gradient
+    (loss * grad_output).backward()  # grad_output != 1 reaches every gradient
     grads = {k: a[k].grad for k in ("hidden", "weight", "bias") if a.get(k) is not None and a[k].requires_grad}
     return dict(loss=loss.detach(), metrics=metrics.as_dict(), grads=grads)
 
@@ -88,9 +99,10 @@ def _logp_inputs(seed, bias):
     return hidden, weight, b, targets, g_logp, g_ent
 
 
-def _run_logp(case, rank=None, pg=None):
+def _run_logp(case, rank=None, pg=None, dtype=torch.float32):
     seed, tau, bias, with_ent, frozen, chunk = LOGP_CASES[case]
     hidden, weight, b, targets, g_logp, g_ent = _logp_inputs(seed, bias)
+    hidden, weight, b = hidden.to(dtype), weight.to(dtype), None if b is None else b.to(dtype)
     if rank is not None:
         lo, hi = SPLIT[rank], SPLIT[rank + 1]
         weight, b = weight[lo:hi].clone(), None if b is None else b[lo:hi].clone()
@@ -137,6 +149,36 @@ def _bad_inputs(rank, pg) -> dict:
     return out
 
 
+def _chunk_agreement(rank, pg) -> dict:
+    """Ranks asking for different chunk rows (their own memory on a GPU, or chunk_size) run with the smallest;
+    a rank that cannot fit a chunk makes every rank raise instead of leaving the others in a collective."""
+    from grpo_kernels import vocab_parallel as vp
+
+    p = _shard(_problem(**LOSS_CASES["dapo_token_kl_bias"][0]), rank)
+    shard = vp.shard_layout(pg, p["weight"], B * T)
+    h = p["hidden"].reshape(-1, H)
+    out = dict(given=vp.agreed_chunk_rows(shard, "test", 3 if rank == 0 else 5, B * T, h, True),
+               sized={dt: vp.agreed_chunk_rows(shard, "test", None, 10 ** 6, h.to(dt), wg)
+                      for dt, wg in ((torch.float32, True), (torch.bfloat16, False))})
+    opts = dict(LOSS_CASES["dapo_token_kl_bias"][1], chunk_size=3 if rank == 0 else 5)
+    out["mixed_chunk_loss"] = _run_loss(p, opts, False, pg)
+    real = vp.size_call
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("rank 1: no memory (test). Pass strategy='fused' (O(tokens) extra "
+                                          "memory), a smaller chunk_size, or free memory.")  # sizing's wording
+
+    vp.size_call = no_memory if rank == 1 else real
+    try:
+        out["oom"] = "no error"
+        vp.agreed_chunk_rows(shard, "test", None, B * T, h, True)
+    except torch.cuda.OutOfMemoryError as e:
+        out["oom"] = str(e)
+    finally:
+        vp.size_call = real
+    return out
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -152,6 +194,10 @@ def _worker(rank, world, init_file, out_dir):
         for name in LOGP_CASES:
             res[name] = _run_logp(name, rank, pg)
         res["errors"] = _bad_inputs(rank, pg)
+        res["bf16_loss"] = _run_loss(_shard(_problem(**BF16_LOSS[0]), rank), BF16_LOSS[1], False, pg)
+        res["bf16_logp"] = _run_logp("logp_entropy_bias", rank, pg, dtype=torch.bfloat16)
+        res["chunks"] = _chunk_agreement(rank, pg)
+        res["fp16_loss"] = _run_loss(_shard(_problem(**FP16_LOSS[0]), rank), FP16_LOSS[1], False, pg, FP16_SCALE)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -237,6 +283,71 @@ def test_logprobs_and_entropy_with_gradients_match_float64(ranks, case):
             assert got["entropy"] is None
     _check_grads([ranks[r][case]["grads"] for r in range(2)], o_grads, 1e-4, case,
                  torch.float32)
+
+
+def test_bf16_loss_and_logprobs_match_float64(ranks):
+    """16-bit inputs: fp32 logits and statistics, bf16 dL/dlogits as the GEMM operand, grads in bf16."""
+    p = _problem(**BF16_LOSS[0])
+    opts = {k: v for k, v in BF16_LOSS[1].items() if k not in ("compute_entropy", "chunk_size")}
+    e_loss, e_metrics, e_grads = oracle.oracle_run(p, **opts)
+    r_loss, _, r_grads = oracle.oracle_run(p, logit_dtype=torch.bfloat16, **opts)
+    for r in range(2):
+        got = ranks[r]["bf16_loss"]
+        assert got["loss"].dtype == torch.float32
+        assert rel_err(got["loss"], e_loss) <= max(1e-2, 2 * rel_err(r_loss, e_loss))
+        assert got["metrics"]["entropy"] == pytest.approx(float(e_metrics["entropy"]), rel=1e-2)
+    assert all(set(ranks[r]["bf16_loss"]["grads"]) == set(e_grads) for r in range(2))
+    for k in e_grads:
+        budget = max(1e-2, 2 * rel_err(r_grads[k], e_grads[k]))
+        _check_grads([{k: ranks[r]["bf16_loss"]["grads"][k]} for r in range(2)], {k: e_grads[k] * 0.75}, budget,
+                     f"bf16 loss grad {k}", torch.bfloat16)
+    seed, tau, bias, _, _, _ = LOGP_CASES["logp_entropy_bias"]
+    hidden, weight, b, targets, g_logp, g_ent = _logp_inputs(seed, bias)
+    leaves = _leaves(dict(hidden=hidden.bfloat16().double(), weight=weight.bfloat16().double(),
+                          bias=b.bfloat16().double()), False)
+    logp, ent = oracle.logprobs(leaves["hidden"], leaves["weight"], targets, leaves["bias"], temperature=tau)
+    ((logp * g_logp.double()).sum() + (ent * g_ent.double()).sum()).backward()
+    for r in range(2):
+        got = ranks[r]["bf16_logp"]
+        assert got["logp"].dtype == torch.float32 and rel_err(got["logp"], logp) <= 1e-4  # logits stay fp32
+        assert rel_err(got["entropy"], ent) <= 1e-4 and rel_err(got["nograd"], logp) <= 1e-4
+    _check_grads([ranks[r]["bf16_logp"]["grads"] for r in range(2)],
+                 {k: leaves[k].grad for k in ("hidden", "weight", "bias")}, 1e-2, "bf16 logp", torch.bfloat16)
+
+
+def test_fp16_small_gradients_survive_grad_scaler(ranks):
+    """As tests/test_fused_linear_grpo.py's test of that name: unscaled, dL/dlogits and the gradients sit below
+    fp16's normal range, so made in the forward with grad_output = 1 they would underflow; scaled gradients must
+    match float64 * 2**16 to fp16 precision on every rank."""
+    p = _problem(**FP16_LOSS[0])
+    opts = {k: v for k, v in FP16_LOSS[1].items() if k != "chunk_size"}
+    _, _, e_grads = oracle.oracle_run(p, **opts)
+    for k, e in e_grads.items():
+        assert e.abs().max() * FP16_SCALE > 6e-5 and e.abs().max() < 6e-5, k
+    _check_grads([ranks[r]["fp16_loss"]["grads"] for r in range(2)], {k: e * FP16_SCALE for k, e in e_grads.items()},
+                 1e-2, "fp16 scaled", torch.float16)
+
+
+def test_ranks_agree_on_chunk_rows_and_fail_together(ranks):
+    from grpo_kernels.sizing import default_chunk_size
+
+    rows = [SPLIT[r + 1] - SPLIT[r] for r in range(2)]
+    for r in range(2):
+        got = ranks[r]["chunks"]
+        assert got["given"] == 3
+        for dt, wg in ((torch.float32, True), (torch.bfloat16, False)):
+            # per row: z, p and one transient, all fp32 whatever the input dtype = the fp32 torch-epilogue row
+            want = min(default_chunk_size(10 ** 6, v, H, torch.float32, torch.device("cpu"), torch_epilogue=True,
+                                          weight_grad=wg) for v in rows)
+            assert got["sized"][dt] == want, (r, dt, got["sized"][dt], want)
+        assert "rank 1: no memory (test)" in got["oom"] if r == 1 else "another rank of process_group" in got["oom"]
+        assert "strategy='fused'" not in got["oom"] and "chunk_size" in got["oom"]  # the advice that applies here
+    single = _run_loss(_problem(**LOSS_CASES["dapo_token_kl_bias"][0]), LOSS_CASES["dapo_token_kl_bias"][1], False)
+    for r in range(2):
+        got = ranks[r]["chunks"]["mixed_chunk_loss"]
+        assert rel_err(got["loss"], single["loss"]) <= 1e-5
+    _check_grads([ranks[r]["chunks"]["mixed_chunk_loss"]["grads"] for r in range(2)], single["grads"], 1e-5,
+                 "chunk_size 3 on rank 0, 5 on rank 1", torch.float32)
 
 
 def test_bad_inputs_raise_the_same_clear_error_on_every_rank(ranks):
