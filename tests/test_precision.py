@@ -74,7 +74,9 @@ def test_pack_rows_in_place(dtype, m, v):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_torch_chunk_dlogits_packed_equals_fp32_rounded(out_dtype):
+def test_torch_chunk_dlogits_packed_equals_fp32_rounded(out_dtype, monkeypatch):
+    # Both through the PyTorch epilogue: the native CPU one (fp32 in place only) rounds differently in the last ulp.
+    monkeypatch.setenv("GRPO_KERNELS_NATIVE", "0")
     g = torch.Generator().manual_seed(4)
     m, v = 6, 1100
     logits = torch.randn(m, v, generator=g) * 3
