@@ -309,8 +309,34 @@ def test_fused_linear_stats_covers_single_and_split_vocab():
     if not IS_INTERPRETER:
         pytest.skip("split choice depends on the GPU's SM count")
     cfg = fused_forward._config(torch.float32)
-    splits = lambda m, v: fused_forward._pick_splits(-(-m // cfg["BLOCK_M"]), -(-v // cfg["BLOCK_V"]), 1)[0]
+    splits = lambda m, v: fused_forward._pick_splits(-(-m // cfg["BLOCK_M"]), -(-v // cfg["BLOCK_V"]), 1,
+                                                     cfg["GROUP_M"])[0]
     assert splits(7, 300) > 1 and splits(50, 129) == 1
+    # several row-block groups, the last one partial, times several splits: the grouped program order
+    assert -(-40 // cfg["BLOCK_M"]) % cfg["GROUP_M"] != 0 and -(-40 // cfg["BLOCK_M"]) > cfg["GROUP_M"]
+    assert splits(40, 300) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_stats_grouped_order_partial_group(dtype):
+    # 3 row blocks in groups of 2 (interpreter config) times 2 vocabulary splits: every (row block, split) once
+    hid, w, b, t = make_linear(40, 300, 24, dtype, True, scale=2.0, seed=3)
+    lse, logp, ent = fused_linear_stats(hid, w, b, t, 0.8, True)
+    r_lse, r_logp, r_ent = ref_stats(linear_logits64(hid, w, b), t, 0.8)
+    assert_close(lse, r_lse, dtype, "lse")
+    assert_close(logp, r_logp, dtype, "logp")
+    assert_close(ent, r_ent, dtype, "entropy")
+
+
+def test_pick_splits_fills_the_gpu_with_groups():
+    # llama3-8b head (V = 128256) on 132 SMs with 128x128 tiles: at N = 65536 the old rule gave 2 splits (the
+    # concurrent programs were all different row blocks); now a group of GROUP_M = 8 row blocks spans >= 17 splits
+    cfg = dict(BLOCK_M=128, BLOCK_V=128, GROUP_M=8)
+    for n in (8192, 65536):
+        n_splits, per = fused_forward._pick_splits(-(-n // 128), -(-128256 // 128), 132, cfg["GROUP_M"])
+        assert n_splits * cfg["GROUP_M"] >= 132 and (n_splits - 1) * per < 1002 <= n_splits * per
+    assert fused_forward._pick_splits(1, 1002, 132, 8)[0] >= 2 * 132  # one row block: still several waves
+    assert fused_forward._pick_splits(3, 2, 132, 8) == (2, 1)  # never more splits than tiles
 
 
 def test_fused_linear_stats_fp16_no_entropy():
