@@ -475,6 +475,112 @@ def test_fused_linear_backward_empty_and_all_zero_grad():
                               True, True, True)
 
 
+def _backward_case(dtype, gap, with_entropy, temperature=0.8):
+    """m = 33, v = 300 with columns [0, 32) raised by `gap` (0: a flat softmax), most targets there and two live
+    rows' targets far out in low-probability tiles; returns inputs, the kernel's extra kwargs and float64 dz."""
+    m, v, h = 33, 300, 24
+    hid, w, b, t = make_linear(m, v, h, dtype, True, scale=1.0, seed=5)
+    b = (b.float().cpu() + gap * (torch.arange(v) < 32)).to(dtype).to(DEVICE)
+    gen = torch.Generator().manual_seed(6)
+    if gap:
+        t = torch.randint(0, 32, (m,), generator=gen).to(DEVICE)
+        t[1], t[20] = 200, 290  # live rows (g != 0) whose target tile must never be skipped
+    grad = make_grad(m)
+    g_ent = torch.randn(m, generator=gen).to(DEVICE) if with_entropy else None
+    lse, _, ent = fused_linear_stats(hid, w, b, t, temperature, True)
+    extra = dict(entropy=ent, grad_entropy=g_ent) if with_entropy else {}
+    logits64 = linear_logits64(hid, w, b).cpu()
+    if with_entropy:
+        dz = ref_dz_entropy(logits64, t.cpu(), grad.cpu(), g_ent.cpu(), temperature)
+    else:
+        dz = ref_dz(logits64, t.cpu(), grad.cpu(), temperature)
+    return (hid, w, b, t, lse, grad, temperature), extra, dz
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("grad_filter", [False, True])
+def test_fused_linear_backward_filter_on_and_off_flat_softmax(dtype, with_entropy, grad_filter):
+    args, extra, dz = _backward_case(dtype, 0.0, with_entropy)
+    hid, w = args[0], args[1]
+    skipped = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    dh, dw, db = fused_linear_backward(*args, True, True, True, **extra, grad_filter=grad_filter,
+                                       skipped_tiles=skipped)
+    assert_close(dh, dz @ w.double().cpu(), dtype, "d_hidden")
+    assert_close(dw, dz.T @ hid.double().cpu(), dtype, "d_weight")
+    assert_close(db, dz.sum(0), dtype, "d_bias")
+    assert skipped.item() == 0  # flat softmax: nothing is below the threshold (and nothing counted when off)
+
+
+def _filter_oracle(dz, t, grad, g_ent, temperature, dtype):
+    """Per tile of the interpreter grid, from float64 dz: (tiles surely skipped, tiles surely kept, total) under
+    the documented rule (no live target, every |dz_iv| <= u/V * (|g_i| + |e_i|) / T), with a 2x margin."""
+    from grpo_kernels.kernels import fused_backward
+    cfg = fused_backward._config(dtype)
+    bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
+    m, v = dz.shape
+    scale = grad.double().abs() + (g_ent.double().abs() if g_ent is not None else 0.0)
+    live = scale > 0
+    ratio = dz.abs() / (scale / temperature).clamp_min(1e-300)[:, None]
+    ratio[~live] = 0.0
+    thr = fused_backward.filter_eps(dtype, v)
+    sure_skip = sure_keep = 0
+    for r0 in range(0, m, bm):
+        for c0 in range(0, v, bv):
+            rows = slice(r0, r0 + bm)
+            tt = t[rows].long()
+            target = bool((live[rows] & (tt >= c0) & (tt < c0 + bv)).any())
+            worst = ratio[rows, c0:c0 + bv].max().item()
+            sure_skip += (not target) and worst <= thr / 2
+            sure_keep += target or worst >= 2 * thr
+    return sure_skip, sure_keep, -(-m // bm) * -(-v // bv)
+
+
+# gap > log(V / unit roundoff) (22.3 nats fp32, 11.2 bf16 at V = 300) plus the spread of the other logits and the
+# entropy term's |log p| factor: every tile without a live target is skipped; the smaller gaps put the tiles'
+# largest |dz| between the threshold and ~1e6 times it: nothing may be skipped there.
+@pytest.mark.parametrize("dtype,gap,most", [(torch.float32, 34.0, True), (torch.bfloat16, 18.0, True),
+                                            (torch.float32, 12.0, False), (torch.bfloat16, 3.0, False)])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_fused_linear_backward_filter_skips_exactly_the_negligible_tiles(dtype, gap, most, with_entropy):
+    args, extra, dz = _backward_case(dtype, gap, with_entropy)
+    hid, w, b, t, grad, temperature = args[0], args[1], args[2], args[3], args[5], args[6]
+    ref = dz @ w.double().cpu(), dz.T @ hid.double().cpu(), dz.sum(0)
+    g_ent = extra.get("grad_entropy")
+    sure_skip, sure_keep, total = _filter_oracle(dz, t.cpu(), grad.cpu(), None if g_ent is None else g_ent.cpu(),
+                                                 temperature, dtype)
+    if most:
+        assert sure_skip >= 0.6 * total  # the case is built so that most tiles ARE skipped
+    else:
+        assert sure_keep == total  # ... or none may be
+    outs = {}
+    for grad_filter in (False, True):
+        skipped = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        outs[grad_filter] = fused_linear_backward(*args, True, True, True, **extra, grad_filter=grad_filter,
+                                                  skipped_tiles=skipped)
+        for got, exp, name in zip(outs[grad_filter], ref, ("d_hidden", "d_weight", "d_bias")):
+            assert_close(got, exp, dtype, f"{name} (grad_filter={grad_filter})")
+        if grad_filter:  # never a tile holding a live row's target, or one with an |dz| above the threshold
+            assert sure_skip <= skipped.item() <= total - sure_keep
+        else:
+            assert skipped.item() == 0
+    # the far targets' d_weight rows (g (1 - p) h with p ~ 0) are right with the filter on
+    for col in (200, 290):
+        assert_close(outs[True][1][col], ref[1][col], dtype, f"d_weight[{col}]")
+    if not with_entropy:  # rows with g == 0 (and no entropy gradient) stay exactly 0
+        assert (outs[True][0][grad.cpu() == 0] == 0).all()
+
+
+def test_fused_linear_backward_filter_arguments():
+    args, extra, _ = _backward_case(torch.float32, 0.0, False)
+    with pytest.raises(TypeError, match="grad_filter"):
+        fused_linear_backward(*args, True, True, True, grad_filter=1)
+    with pytest.raises(ValueError, match="skipped_tiles"):
+        fused_linear_backward(*args, True, True, True, skipped_tiles=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="skipped_tiles"):
+        fused_linear_backward(*args, True, True, True, skipped_tiles=[0])
+
+
 # ------------------------------------------------------------------------------------- GPU compile (no GPU needed)
 _SM90_SCRIPT = r"""
 import json, os, subprocess, tempfile
