@@ -599,9 +599,11 @@ def arg_type(name, dt):
         return "*" + TY[dt]
     if name in ("t_ptr", "targets_ptr"):
         return "*i64"
+    if name == "skip_ptr":
+        return "*i32"
     if name.endswith("_ptr"):
         return "*fp32"
-    return {"inv_t": "fp32", "plane": "i64"}.get(name, "i32")
+    return {"inv_t": "fp32", "filter_eps": "fp32", "plane": "i64"}.get(name, "i32")
 
 def build(fn, dt, consts):
     consts = dict(consts)
@@ -625,11 +627,11 @@ for dt in (torch.bfloat16, torch.float32):
     build(ff._fused_stats_kernel, dt, dict(HAS_BIAS=True, WITH_ENTROPY=True, SINGLE_SPLIT=False, DOT_FP32=DOT_FP32,
                                            PRECISION=dot_precision(dt), **ff._config(dt)))
     build(fb._fused_backward_kernel, dt, dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True,
-                                              WITH_ENTROPY_GRAD=False, DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt),
-                                              **fb._config(dt)))
+                                              WITH_ENTROPY_GRAD=False, FILTER=True, COUNT_SKIPS=False,
+                                              DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt), **fb._config(dt)))
     build(fb._fused_backward_kernel, dt, dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True,
-                                              WITH_ENTROPY_GRAD=True, DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt),
-                                              **fb._config(dt, True)))
+                                              WITH_ENTROPY_GRAD=True, FILTER=True, COUNT_SKIPS=True,
+                                              DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt), **fb._config(dt, True)))
 build(ff._combine_kernel, torch.float32, dict(WITH_ENTROPY=True, BLOCK_M=256, num_warps=4))
 """
 
