@@ -571,6 +571,16 @@ def test_fused_linear_backward_filter_skips_exactly_the_negligible_tiles(dtype, 
         assert (outs[True][0][grad.cpu() == 0] == 0).all()
 
 
+def test_fused_linear_backward_filter_never_hides_a_nan():
+    # a peaked case whose non-target tiles are all skippable; a NaN lse on a live row must still reach the output
+    args, extra, _ = _backward_case(torch.float32, 34.0, False)
+    lse = args[4].clone()
+    lse[2] = float("nan")  # row 2: g != 0 (make_grad zeroes rows 0, 3, ...)
+    args = args[:4] + (lse,) + args[5:]
+    dh, dw, _ = fused_linear_backward(*args, True, True, False)
+    assert torch.isnan(dh[2]).all() and torch.isnan(dw).all()  # every tile of its row block was kept
+
+
 def test_fused_linear_backward_filter_arguments():
     args, extra, _ = _backward_case(torch.float32, 0.0, False)
     with pytest.raises(TypeError, match="grad_filter"):

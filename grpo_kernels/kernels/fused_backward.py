@@ -116,8 +116,8 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, 
         dz = tl.where(live, tl.where(onehot, g_t, 0.0) - p * coef, 0.0)
 
         if FILTER:  # entries that must reach the GEMMs: a live row's target, or |dz| above the row's threshold
-            thr = (filter_eps * inv_t) * weight_of_rows
-            must = live & (onehot | (tl.abs(dz) > thr[:, None]))
+            thr = (filter_eps * inv_t) * weight_of_rows  # (written as "not <=" so that a NaN is never skipped)
+            must = live & (onehot | ~(tl.abs(dz) <= thr[:, None]))
             n_must = tl.sum(tl.sum(must.to(tl.int32), axis=1), axis=0)
         else:
             n_must = 1
