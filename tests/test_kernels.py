@@ -475,12 +475,14 @@ def test_fused_linear_backward_empty_and_all_zero_grad():
                               True, True, True)
 
 
-def _backward_case(dtype, gap, with_entropy, temperature=0.8):
+def _backward_case(dtype, gap, with_entropy, temperature=0.8, noise=1.0):
     """m = 33, v = 300 with columns [0, 32) raised by `gap` (0: a flat softmax), most targets there and two live
-    rows' targets far out in low-probability tiles; returns inputs, the kernel's extra kwargs and float64 dz."""
+    rows' targets far out in low-probability tiles; returns inputs, the kernel's extra kwargs and float64 dz.
+    noise < 1: hidden scaled by it and no random bias, so the other columns' log-probs sit close to one level."""
     m, v, h = 33, 300, 24
-    hid, w, b, t = make_linear(m, v, h, dtype, True, scale=1.0, seed=5)
-    b = (b.float().cpu() + gap * (torch.arange(v) < 32)).to(dtype).to(DEVICE)
+    hid, w, b, t = make_linear(m, v, h, dtype, True, scale=noise, seed=5)
+    b = b.float().cpu() if noise >= 1.0 else torch.zeros(v)
+    b = (b + gap * (torch.arange(v) < 32)).to(dtype).to(DEVICE)
     gen = torch.Generator().manual_seed(6)
     if gap:
         t = torch.randint(0, 32, (m,), generator=gen).to(DEVICE)
@@ -569,6 +571,27 @@ def test_fused_linear_backward_filter_skips_exactly_the_negligible_tiles(dtype, 
         assert_close(outs[True][1][col], ref[1][col], dtype, f"d_weight[{col}]")
     if not with_entropy:  # rows with g == 0 (and no entropy gradient) stay exactly 0
         assert (outs[True][0][grad.cpu() == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,gap", [(torch.float32, 21.5), (torch.bfloat16, 10.5)])
+def test_fused_linear_backward_filter_skips_tiles_just_below_the_threshold(dtype, gap):
+    # the other columns' p ~ exp(-gap - log 32) sits ~3 nats (a factor ~15-20) below the threshold u/V: a filter
+    # stricter than documented by a large factor would skip nothing here, a looser one is caught above
+    args, extra, dz = _backward_case(dtype, gap, False, temperature=1.0, noise=0.05)
+    hid, w, t, grad = args[0], args[1], args[3], args[5]
+    from grpo_kernels.kernels import fused_backward
+    live = grad.cpu() != 0
+    rest = torch.cat([torch.arange(64, 192), torch.arange(224, 288)])  # vocab blocks without any target
+    p_rest = (dz[live][:, rest].abs() / grad.cpu()[live].double().abs()[:, None]).max()
+    assert fused_backward.filter_eps(dtype, 300) / 60 < p_rest < fused_backward.filter_eps(dtype, 300) / 4
+    sure_skip, sure_keep, total = _filter_oracle(dz, t.cpu(), grad.cpu(), None, 1.0, dtype)
+    assert sure_skip >= 0.6 * total
+    skipped = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out = fused_linear_backward(*args, True, True, True, skipped_tiles=skipped)
+    assert sure_skip <= skipped.item() <= total - sure_keep
+    for got, exp, name in zip(out, (dz @ w.double().cpu(), dz.T @ hid.double().cpu(), dz.sum(0)),
+                              ("d_hidden", "d_weight", "d_bias")):
+        assert_close(got, exp, dtype, name)
 
 
 def test_fused_linear_backward_filter_never_hides_a_nan():
