@@ -20,6 +20,23 @@ Rules (README, "How it works"):
     strategy on every step: chunked when its footprint at the floor is at most 1/AUTO_TOTAL_FRACTION of the
     device's total memory, else fused. CPU tensors always get chunked.
 Set GRPO_KERNELS_DEBUG=1 (or enable DEBUG on the "grpo_kernels" logger) to log each call's choice and why.
+
+Why chunked whenever it fits (the cost models in kernels/fused_forward.py and kernels/fused_backward.py; llama3-8b
+head H = 4096, V = 128256, bf16, H100: ~800 TFLOP/s bf16 GEMM, 3.35 TB/s HBM; no GPU measurement of either
+strategy at these shapes exists yet):
+  - chunked: 6*N*H*V FLOPs in cuBLAS GEMMs, plus ~14 bytes of HBM per logit for the chunk buffer (fp32 written,
+    read, 16-bit dL/dlogits written, read by two GEMMs) and three reads of W per chunk:
+        N = 8192:  32 ms GEMM + 4.4 ms buffer + 1.9 ms W  ~  38 ms;
+        N = 65536: 258 ms GEMM + 35 ms buffer + 12 ms W  ~ 305 ms.
+    Even a CHUNK_FLOOR-row chunk stays GEMM-bound (4 ms of GEMM against 0.9 ms of W reads), so any chunk size
+    the rules allow keeps this cost.
+  - fused: 8*N*H*V FLOPs plus N*V*H/64 fp32 atomic adds in the backward (2.15 TB of read-modify-write at
+    N = 65536), of which its gradient filter removes a fraction f of tiles that depends on how peaked the model's
+    softmax is: f = 0 gives ~43 + 80 = 123 ms at N = 8192 and ~344 + 640 = 984 ms at N = 65536; f -> 1 leaves
+    the 4*N*H*V of forward and logits recompute, 172 ms at N = 65536.
+So without a measured f, fused only pays off where chunked cannot run: auto keeps the memory rule above, and fused
+is the strategy for shapes whose chunked footprint does not fit. GPU measurements of f and of both strategies
+(bench/) are what would move this rule; none exist yet.
 """
 
 from __future__ import annotations

@@ -309,8 +309,34 @@ def test_fused_linear_stats_covers_single_and_split_vocab():
     if not IS_INTERPRETER:
         pytest.skip("split choice depends on the GPU's SM count")
     cfg = fused_forward._config(torch.float32)
-    splits = lambda m, v: fused_forward._pick_splits(-(-m // cfg["BLOCK_M"]), -(-v // cfg["BLOCK_V"]), 1)[0]
+    splits = lambda m, v: fused_forward._pick_splits(-(-m // cfg["BLOCK_M"]), -(-v // cfg["BLOCK_V"]), 1,
+                                                     cfg["GROUP_M"])[0]
     assert splits(7, 300) > 1 and splits(50, 129) == 1
+    # several row-block groups, the last one partial, times several splits: the grouped program order
+    assert -(-40 // cfg["BLOCK_M"]) % cfg["GROUP_M"] != 0 and -(-40 // cfg["BLOCK_M"]) > cfg["GROUP_M"]
+    assert splits(40, 300) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_stats_grouped_order_partial_group(dtype):
+    # 3 row blocks in groups of 2 (interpreter config) times 2 vocabulary splits: every (row block, split) once
+    hid, w, b, t = make_linear(40, 300, 24, dtype, True, scale=2.0, seed=3)
+    lse, logp, ent = fused_linear_stats(hid, w, b, t, 0.8, True)
+    r_lse, r_logp, r_ent = ref_stats(linear_logits64(hid, w, b), t, 0.8)
+    assert_close(lse, r_lse, dtype, "lse")
+    assert_close(logp, r_logp, dtype, "logp")
+    assert_close(ent, r_ent, dtype, "entropy")
+
+
+def test_pick_splits_fills_the_gpu_with_groups():
+    # llama3-8b head (V = 128256) on 132 SMs with 128x128 tiles: at N = 65536 the old rule gave 2 splits (the
+    # concurrent programs were all different row blocks); now a group of GROUP_M = 8 row blocks spans >= 17 splits
+    cfg = dict(BLOCK_M=128, BLOCK_V=128, GROUP_M=8)
+    for n in (8192, 65536):
+        n_splits, per = fused_forward._pick_splits(-(-n // 128), -(-128256 // 128), 132, cfg["GROUP_M"])
+        assert n_splits * cfg["GROUP_M"] >= 132 and (n_splits - 1) * per < 1002 <= n_splits * per
+    assert fused_forward._pick_splits(1, 1002, 132, 8)[0] >= 2 * 132  # one row block: still several waves
+    assert fused_forward._pick_splits(3, 2, 132, 8) == (2, 1)  # never more splits than tiles
 
 
 def test_fused_linear_stats_fp16_no_entropy():
@@ -449,6 +475,145 @@ def test_fused_linear_backward_empty_and_all_zero_grad():
                               True, True, True)
 
 
+def _backward_case(dtype, gap, with_entropy, temperature=0.8, noise=1.0):
+    """m = 33, v = 300 with columns [0, 32) raised by `gap` (0: a flat softmax), most targets there and two live
+    rows' targets far out in low-probability tiles; returns inputs, the kernel's extra kwargs and float64 dz.
+    noise < 1: hidden scaled by it and no random bias, so the other columns' log-probs sit close to one level."""
+    m, v, h = 33, 300, 24
+    hid, w, b, t = make_linear(m, v, h, dtype, True, scale=noise, seed=5)
+    b = b.float().cpu() if noise >= 1.0 else torch.zeros(v)
+    b = (b + gap * (torch.arange(v) < 32)).to(dtype).to(DEVICE)
+    gen = torch.Generator().manual_seed(6)
+    if gap:
+        t = torch.randint(0, 32, (m,), generator=gen).to(DEVICE)
+        t[1], t[20] = 200, 290  # live rows (g != 0) whose target tile must never be skipped
+    grad = make_grad(m)
+    g_ent = torch.randn(m, generator=gen).to(DEVICE) if with_entropy else None
+    lse, _, ent = fused_linear_stats(hid, w, b, t, temperature, True)
+    extra = dict(entropy=ent, grad_entropy=g_ent) if with_entropy else {}
+    logits64 = linear_logits64(hid, w, b).cpu()
+    if with_entropy:
+        dz = ref_dz_entropy(logits64, t.cpu(), grad.cpu(), g_ent.cpu(), temperature)
+    else:
+        dz = ref_dz(logits64, t.cpu(), grad.cpu(), temperature)
+    return (hid, w, b, t, lse, grad, temperature), extra, dz
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("grad_filter", [False, True])
+def test_fused_linear_backward_filter_on_and_off_flat_softmax(dtype, with_entropy, grad_filter):
+    args, extra, dz = _backward_case(dtype, 0.0, with_entropy)
+    hid, w = args[0], args[1]
+    skipped = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    dh, dw, db = fused_linear_backward(*args, True, True, True, **extra, grad_filter=grad_filter,
+                                       skipped_tiles=skipped)
+    assert_close(dh, dz @ w.double().cpu(), dtype, "d_hidden")
+    assert_close(dw, dz.T @ hid.double().cpu(), dtype, "d_weight")
+    assert_close(db, dz.sum(0), dtype, "d_bias")
+    assert skipped.item() == 0  # flat softmax: nothing is below the threshold (and nothing counted when off)
+
+
+def _filter_oracle(dz, t, grad, g_ent, temperature, dtype):
+    """Per tile of the interpreter grid, from float64 dz: (tiles surely skipped, tiles surely kept, total) under
+    the documented rule (no live target, every |dz_iv| <= u/V * (|g_i| + |e_i|) / T), with a 2x margin."""
+    from grpo_kernels.kernels import fused_backward
+    cfg = fused_backward._config(dtype)
+    bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
+    m, v = dz.shape
+    scale = grad.double().abs() + (g_ent.double().abs() if g_ent is not None else 0.0)
+    live = scale > 0
+    ratio = dz.abs() / (scale / temperature).clamp_min(1e-300)[:, None]
+    ratio[~live] = 0.0
+    thr = fused_backward.filter_eps(dtype, v)
+    sure_skip = sure_keep = 0
+    for r0 in range(0, m, bm):
+        for c0 in range(0, v, bv):
+            rows = slice(r0, r0 + bm)
+            tt = t[rows].long()
+            target = bool((live[rows] & (tt >= c0) & (tt < c0 + bv)).any())
+            worst = ratio[rows, c0:c0 + bv].max().item()
+            sure_skip += (not target) and worst <= thr / 2
+            sure_keep += target or worst >= 2 * thr
+    return sure_skip, sure_keep, -(-m // bm) * -(-v // bv)
+
+
+# gap > log(V / unit roundoff) (22.3 nats fp32, 11.2 bf16 at V = 300) plus the spread of the other logits and the
+# entropy term's |log p| factor: every tile without a live target is skipped; the smaller gaps put the tiles'
+# largest |dz| between the threshold and ~1e6 times it: nothing may be skipped there.
+@pytest.mark.parametrize("dtype,gap,most", [(torch.float32, 34.0, True), (torch.bfloat16, 18.0, True),
+                                            (torch.float32, 12.0, False), (torch.bfloat16, 3.0, False)])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_fused_linear_backward_filter_skips_exactly_the_negligible_tiles(dtype, gap, most, with_entropy):
+    args, extra, dz = _backward_case(dtype, gap, with_entropy)
+    hid, w, b, t, grad, temperature = args[0], args[1], args[2], args[3], args[5], args[6]
+    ref = dz @ w.double().cpu(), dz.T @ hid.double().cpu(), dz.sum(0)
+    g_ent = extra.get("grad_entropy")
+    sure_skip, sure_keep, total = _filter_oracle(dz, t.cpu(), grad.cpu(), None if g_ent is None else g_ent.cpu(),
+                                                 temperature, dtype)
+    if most:
+        assert sure_skip >= 0.6 * total  # the case is built so that most tiles ARE skipped
+    else:
+        assert sure_keep == total  # ... or none may be
+    outs = {}
+    for grad_filter in (False, True):
+        skipped = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        outs[grad_filter] = fused_linear_backward(*args, True, True, True, **extra, grad_filter=grad_filter,
+                                                  skipped_tiles=skipped)
+        for got, exp, name in zip(outs[grad_filter], ref, ("d_hidden", "d_weight", "d_bias")):
+            assert_close(got, exp, dtype, f"{name} (grad_filter={grad_filter})")
+        if grad_filter:  # never a tile holding a live row's target, or one with an |dz| above the threshold
+            assert sure_skip <= skipped.item() <= total - sure_keep
+        else:
+            assert skipped.item() == 0
+    # the far targets' d_weight rows (g (1 - p) h with p ~ 0) are right with the filter on
+    for col in (200, 290):
+        assert_close(outs[True][1][col], ref[1][col], dtype, f"d_weight[{col}]")
+    if not with_entropy:  # rows with g == 0 (and no entropy gradient) stay exactly 0
+        assert (outs[True][0][grad.cpu() == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,gap", [(torch.float32, 21.5), (torch.bfloat16, 10.5)])
+def test_fused_linear_backward_filter_skips_tiles_just_below_the_threshold(dtype, gap):
+    # the other columns' p ~ exp(-gap - log 32) sits ~3 nats (a factor ~15-20) below the threshold u/V: a filter
+    # stricter than documented by a large factor would skip nothing here, a looser one is caught above
+    args, extra, dz = _backward_case(dtype, gap, False, temperature=1.0, noise=0.05)
+    hid, w, t, grad = args[0], args[1], args[3], args[5]
+    from grpo_kernels.kernels import fused_backward
+    live = grad.cpu() != 0
+    rest = torch.cat([torch.arange(64, 192), torch.arange(224, 288)])  # vocab blocks without any target
+    p_rest = (dz[live][:, rest].abs() / grad.cpu()[live].double().abs()[:, None]).max()
+    assert fused_backward.filter_eps(dtype, 300) / 60 < p_rest < fused_backward.filter_eps(dtype, 300) / 4
+    sure_skip, sure_keep, total = _filter_oracle(dz, t.cpu(), grad.cpu(), None, 1.0, dtype)
+    assert sure_skip >= 0.6 * total
+    skipped = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out = fused_linear_backward(*args, True, True, True, skipped_tiles=skipped)
+    assert sure_skip <= skipped.item() <= total - sure_keep
+    for got, exp, name in zip(out, (dz @ w.double().cpu(), dz.T @ hid.double().cpu(), dz.sum(0)),
+                              ("d_hidden", "d_weight", "d_bias")):
+        assert_close(got, exp, dtype, name)
+
+
+def test_fused_linear_backward_filter_never_hides_a_nan():
+    # a peaked case whose non-target tiles are all skippable; a NaN lse on a live row must still reach the output
+    args, extra, _ = _backward_case(torch.float32, 34.0, False)
+    lse = args[4].clone()
+    lse[2] = float("nan")  # row 2: g != 0 (make_grad zeroes rows 0, 3, ...)
+    args = args[:4] + (lse,) + args[5:]
+    dh, dw, _ = fused_linear_backward(*args, True, True, False)
+    assert torch.isnan(dh[2]).all() and torch.isnan(dw).all()  # every tile of its row block was kept
+
+
+def test_fused_linear_backward_filter_arguments():
+    args, extra, _ = _backward_case(torch.float32, 0.0, False)
+    with pytest.raises(TypeError, match="grad_filter"):
+        fused_linear_backward(*args, True, True, True, grad_filter=1)
+    with pytest.raises(ValueError, match="skipped_tiles"):
+        fused_linear_backward(*args, True, True, True, skipped_tiles=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="skipped_tiles"):
+        fused_linear_backward(*args, True, True, True, skipped_tiles=[0])
+
+
 # ------------------------------------------------------------------------------------- GPU compile (no GPU needed)
 _SM90_SCRIPT = r"""
 import json, os, subprocess, tempfile
@@ -467,9 +632,11 @@ def arg_type(name, dt):
         return "*" + TY[dt]
     if name in ("t_ptr", "targets_ptr"):
         return "*i64"
+    if name == "skip_ptr":
+        return "*i32"
     if name.endswith("_ptr"):
         return "*fp32"
-    return {"inv_t": "fp32", "plane": "i64"}.get(name, "i32")
+    return {"inv_t": "fp32", "filter_eps": "fp32", "plane": "i64"}.get(name, "i32")
 
 def build(fn, dt, consts):
     consts = dict(consts)
@@ -493,11 +660,11 @@ for dt in (torch.bfloat16, torch.float32):
     build(ff._fused_stats_kernel, dt, dict(HAS_BIAS=True, WITH_ENTROPY=True, SINGLE_SPLIT=False, DOT_FP32=DOT_FP32,
                                            PRECISION=dot_precision(dt), **ff._config(dt)))
     build(fb._fused_backward_kernel, dt, dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True,
-                                              WITH_ENTROPY_GRAD=False, DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt),
-                                              **fb._config(dt)))
+                                              WITH_ENTROPY_GRAD=False, FILTER=True, COUNT_SKIPS=False,
+                                              DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt), **fb._config(dt)))
     build(fb._fused_backward_kernel, dt, dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True,
-                                              WITH_ENTROPY_GRAD=True, DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt),
-                                              **fb._config(dt, True)))
+                                              WITH_ENTROPY_GRAD=True, FILTER=True, COUNT_SKIPS=True,
+                                              DOT_FP32=DOT_FP32, PRECISION=dot_precision(dt), **fb._config(dt, True)))
 build(ff._combine_kernel, torch.float32, dict(WITH_ENTROPY=True, BLOCK_M=256, num_warps=4))
 """
 

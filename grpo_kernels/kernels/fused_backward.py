@@ -1,7 +1,39 @@
 """Backward kernel of the fused strategy: gradients of L with respect to hidden, weight and bias given
 g_i = dL/dlogp_i (and optionally e_i = dL/dentropy_i), recomputing the logits tile by tile (never the whole
 [M, V]). With p = softmax(z), log p = z - lse, H = entropy: dlogp/dz_v = 1[v = y] - p_v and
-dH/dz_v = -p_v (log p_v + H), so one pass over the logits serves both gradients."""
+dH/dz_v = -p_v (log p_v + H), so one pass over the logits serves both gradients.
+
+Cost model (per tile BM x BV, K = H; llama3-8b head: H = 4096, V = 128256, bf16, BM = BV = 128):
+    logits recompute 2*BM*BV*H FLOPs, dH and dW GEMMs 2*BM*BV*H each, fp32 atomic adds (BM + BV)*H.
+    Whole call: 6*N*H*V FLOPs and N*V*H*(1/BV + 1/BM) atomic adds (4 B each, a read-modify-write in L2 of
+    accumulators that do not fit in L2: dH is 4*N*H B, dW 4*V*H = 2.1 GB):
+        N = 8192:   FLOPs 2.6e16 (~32 ms at 800 TFLOP/s),  atomics 6.7e10 = 269 GB of fp32 RMW;
+        N = 65536:  FLOPs 2.1e17 (~258 ms),                atomics 5.4e11 = 2.15 TB of fp32 RMW;
+    HBM reads of h and W tiles are small beside that (the grouped order keeps them in L2). One fp32 atomic per
+    256 FLOPs: keeping pace with ~800 TFLOP/s means 3e12 atomics/s = 12.5 TB/s of read-modify-write, above the
+    L2's bandwidth, and the accumulators spill to HBM (3.35 TB/s on H100, 4.8 on H200: 2.15 TB takes >= 0.45 s,
+    against 0.26 s of GEMM). So the kernel is atomic-bound unless tiles are skipped. Occupancy (sm_90 compile,
+    Triton 3.9, bf16, 8 warps): 218 registers and 160 KiB shared memory per program (224 / 128 KiB with the
+    entropy gradient), so one program per SM and its tensor cores idle while it issues atomics. Hence, in order
+    of what they save:
+      1. gradient filter (FILTER, after Cut Cross-Entropy): a tile with no row's target whose every |dz_iv| is at
+         most filter_eps * (|g_i| + |e_i|) / T, filter_eps = u / V (u = unit roundoff of the input dtype, in which
+         dz is rounded for the GEMMs and d_hidden / d_weight are returned), skips both GEMMs and all its atomics
+         (it still pays the 2*BM*BV*H logits recompute). Per row the skipped entries add up to at most
+         u * (|g_i| + |e_i|) / T in L1: no more than rounding dz to the input dtype may already cost (2u|g_i|/T,
+         since sum_v |1[v=y] - p_v| <= 2), so the result stays exact to the precision it is stored in. A tile is
+         skipped when all its entries sit more than ~log(V/u) below their row's lse (17.3 nats for bf16 at
+         V = 128256) for all BM rows of the tile: it skips most tiles when the rows' probable tokens fall in few
+         vocab blocks, none for a flat softmax (the test costs a max over the tile). Cut Cross-Entropy also
+         sorts the vocabulary so that probable tokens share blocks; not done here. How many tiles a trained
+         model skips is a GPU measurement still to make.
+      2. staggered K order: the programs running together share a W tile (GROUP_M row blocks of one vocab
+         block) or a row block; each starts its dH/dW K-loop at slice (pid_m + pid_v) mod cdiv(H, BLOCK_K), so
+         concurrent atomics land on different addresses instead of queueing on the same L2 lines.
+      3. separate dH and dW passes were weighed and rejected: each pass recomputes the logits (+2*N*H*V FLOPs,
+         8 -> 10 N*H*V in all with the forward) and neither removes atomics, since an O(N)-memory dH (or dW)
+         accumulator for a row (vocab) block is [BM, H] fp32 = 2 MiB, too large to stay on chip across tiles.
+"""
 import torch
 import triton
 import triton.language as tl
@@ -9,6 +41,9 @@ import triton.language as tl
 from ._common import (DOT_FP32, IS_INTERPRETER, cdiv, check_grid, dot_precision, inv_temperature, logits_tile, mma,
                       prepare_row_vector)
 from .fused_forward import check_linear_inputs
+
+# Unit roundoff of the dtype dz is rounded to for the GEMMs and the results are returned in.
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def _config(dtype: torch.dtype, with_entropy_grad: bool = False) -> dict:
@@ -20,12 +55,17 @@ def _config(dtype: torch.dtype, with_entropy_grad: bool = False) -> dict:
     return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2 if with_entropy_grad else 3)
 
 
+def filter_eps(dtype: torch.dtype, vocab: int) -> float:
+    """Per-entry skip threshold of the gradient filter, relative to the row's gradient scale (|g| + |e|) / T."""
+    return _UNIT_ROUNDOFF[dtype] / max(int(vocab), 1)
+
+
 @triton.jit(do_not_specialize=["M", "num_m_blocks"])  # per-call sizes: no recompiles
 def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, ge_ptr, dh_ptr, dw_ptr, db_ptr,
-                           M, V, H, stride_hm, stride_wv, inv_t, num_m_blocks, num_v_blocks,
+                           skip_ptr, M, V, H, stride_hm, stride_wv, inv_t, filter_eps, num_m_blocks, num_v_blocks,
                            HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
-                           NEED_B: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
-                           PRECISION: tl.constexpr,
+                           NEED_B: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr, FILTER: tl.constexpr,
+                           COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                            GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                            BLOCK_K: tl.constexpr):
     """For one (row block, vocab block) tile:
@@ -34,7 +74,10 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, 
             (e = dL/dentropy and H = entropy only WITH_ENTROPY_GRAD; 0 for rows with g_i == e_i == 0 and for
             out-of-range rows/cols),
         d_hidden[i, :] += dz_i: @ W[v, :],   d_weight[v, :] += dz_:v^T @ h[i, :],   d_bias[v] += sum_i dz_iv,
-    each accumulated with fp32 atomic adds, over H in BLOCK_K slices (dz cast to the input dtype for the dots).
+    each accumulated with fp32 atomic adds, over H in BLOCK_K slices (dz cast to the input dtype for the dots)
+    starting at slice (pid_m + pid_v) mod num_k (staggered, see the module docstring).
+    FILTER: skip the tile's GEMMs and atomics when it holds no live row's target and every
+    |dz_iv| <= filter_eps * (|g_i| + |e_i|) / T; COUNT_SKIPS adds 1 to skip_ptr[0] (int32) per skipped tile.
     Grid: (num_m_blocks * num_v_blocks,), ordered in groups of GROUP_M row blocks that sweep the vocab blocks
     together: consecutive programs share a W tile and a group's h blocks stay hot in L2. A row block whose g (and
     e) is all zero does nothing."""
@@ -76,29 +119,43 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, 
         live = (weight_of_rows != 0.0)[:, None] & col_mask[None, :]
         dz = tl.where(live, tl.where(onehot, g_t, 0.0) - p * coef, 0.0)
 
-        if NEED_B:
-            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-        if NEED_H or NEED_W:
-            dz_in = dz.to(h_ptr.dtype.element_ty)
-            dh_rows = dh_ptr + rows.to(tl.int64) * H
-            dw_rows = dw_ptr + cols.to(tl.int64) * H
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_mask = ks < H
-                if NEED_H:
-                    w = tl.load(w_rows[:, None] + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                    dh = mma(dz_in, w, tl.zeros([BLOCK_M, BLOCK_K], tl.float32), DOT_FP32, PRECISION)
-                    tl.atomic_add(dh_rows[:, None] + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :],
-                                  sem="relaxed")
-                if NEED_W:
-                    h = tl.load(h_rows[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                    dw = mma(tl.trans(dz_in), h, tl.zeros([BLOCK_V, BLOCK_K], tl.float32), DOT_FP32, PRECISION)
-                    tl.atomic_add(dw_rows[:, None] + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :],
-                                  sem="relaxed")
+        if FILTER:  # entries that must reach the GEMMs: a live row's target, or |dz| above the row's threshold
+            thr = (filter_eps * inv_t) * weight_of_rows  # (written as "not <=" so that a NaN is never skipped)
+            must = live & (onehot | ~(tl.abs(dz) <= thr[:, None]))
+            n_must = tl.sum(tl.sum(must.to(tl.int32), axis=1), axis=0)
+        else:
+            n_must = 1
+        if n_must > 0:
+            if NEED_B:
+                tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+            if NEED_H or NEED_W:
+                dz_in = dz.to(h_ptr.dtype.element_ty)
+                dh_rows = dh_ptr + rows.to(tl.int64) * H
+                dw_rows = dw_ptr + cols.to(tl.int64) * H
+                num_k = tl.cdiv(H, BLOCK_K)
+                k_first = (pid_m + pid_v) % num_k
+                for kk in range(0, num_k):
+                    ks = ((k_first + kk) % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+                    k_mask = ks < H
+                    if NEED_H:
+                        w = tl.load(w_rows[:, None] + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
+                                    other=0.0)
+                        dh = mma(dz_in, w, tl.zeros([BLOCK_M, BLOCK_K], tl.float32), DOT_FP32, PRECISION)
+                        tl.atomic_add(dh_rows[:, None] + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :],
+                                      sem="relaxed")
+                    if NEED_W:
+                        h = tl.load(h_rows[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                                    other=0.0)
+                        dw = mma(tl.trans(dz_in), h, tl.zeros([BLOCK_V, BLOCK_K], tl.float32), DOT_FP32, PRECISION)
+                        tl.atomic_add(dw_rows[:, None] + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :],
+                                      sem="relaxed")
+        elif COUNT_SKIPS:
+            tl.atomic_add(skip_ptr, 1, sem="relaxed")
 
 
 def fused_linear_backward(hidden, weight, bias, targets, lse, grad, temperature: float, need_hidden: bool,
-                          need_weight: bool, need_bias: bool, entropy=None, grad_entropy=None):
+                          need_weight: bool, need_bias: bool, entropy=None, grad_entropy=None, *,
+                          grad_filter: bool = True, skipped_tiles=None):
     """dz[i, v] = [grad[i] (1[v == target_i] - p[i, v]) - grad_entropy[i] p[i, v] (log p[i, v] + entropy[i])] / T
     with z = (hidden @ weight.T + bias) / T recomputed tile by tile (never the whole [M, V]), log p = z - lse; the
     entropy term only when grad_entropy is given (entropy from fused_linear_stats then, else it costs nothing).
@@ -111,7 +168,12 @@ def fused_linear_backward(hidden, weight, bias, targets, lse, grad, temperature:
     float dtype, used as fp32). Rows whose grad (and grad_entropy) is 0 contribute nothing (their lse is not
     used). With M == 0,
     d_hidden is empty and d_weight / d_bias are zeros. Accumulation uses fp32 atomics, so the low bits of the
-    results depend on the order in which programs run."""
+    results depend on the order in which programs run.
+
+    grad_filter (default True): skip tiles whose dz cannot matter at the input dtype's precision (module docstring;
+    the dropped part of each row is at most unit_roundoff * (|grad_i| + |grad_entropy_i|) / T in L1).
+    skipped_tiles: optional int32 CUDA/CPU tensor of shape (1,) on hidden's device; the number of tiles the filter
+    skipped is added to it (for tests and benchmarks)."""
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
     inv_t = inv_temperature(temperature)
     m, h_dim = hidden.shape
@@ -120,6 +182,14 @@ def fused_linear_backward(hidden, weight, bias, targets, lse, grad, temperature:
     lse = prepare_row_vector("lse", lse, m, dev)
     grad = prepare_row_vector("grad", grad, m, dev)
     need_hidden, need_weight, need_bias = bool(need_hidden), bool(need_weight), bool(need_bias)
+    if not isinstance(grad_filter, bool):
+        raise TypeError(f"grad_filter must be a bool, got {type(grad_filter).__name__}")
+    if skipped_tiles is not None:
+        if not isinstance(skipped_tiles, torch.Tensor):
+            raise TypeError(f"skipped_tiles must be a torch.Tensor or None, got {type(skipped_tiles).__name__}")
+        if skipped_tiles.dtype != torch.int32 or tuple(skipped_tiles.shape) != (1,) or skipped_tiles.device != dev:
+            raise ValueError(f"skipped_tiles must be an int32 tensor of shape (1,) on {dev}, got "
+                             f"{skipped_tiles.dtype} {tuple(skipped_tiles.shape)} on {skipped_tiles.device}")
     with_eg = grad_entropy is not None
     if with_eg:
         if entropy is None:
@@ -140,9 +210,11 @@ def fused_linear_backward(hidden, weight, bias, targets, lse, grad, temperature:
             hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
             entropy if with_eg else dummy, grad_entropy if with_eg else dummy,
             dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-            m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, num_m_blocks, num_v_blocks,
-            HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias,
-            WITH_ENTROPY_GRAD=with_eg, DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg)
+            skipped_tiles if skipped_tiles is not None else targets,
+            m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, filter_eps(hidden.dtype, v), num_m_blocks,
+            num_v_blocks, HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias,
+            WITH_ENTROPY_GRAD=with_eg, FILTER=grad_filter, COUNT_SKIPS=grad_filter and skipped_tiles is not None,
+            DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg)
     if dh is not None and dh.dtype != hidden.dtype:
         dh = dh.to(hidden.dtype)
     return dh, dw, db

@@ -1,5 +1,20 @@
 """Forward kernel of the fused strategy: per-row log-sum-exp, target log-prob and entropy of
 z = (hidden @ weight.T + bias) / T without ever materializing z.
+
+Cost model (llama3-8b head: H = 4096, V = 128256, bf16, BLOCK_M = BLOCK_V = 128, 132 SMs, one program per SM):
+    FLOPs 2*N*H*V: N = 8192 -> 8.6e15 (~11 ms at 800 TFLOP/s); N = 65536 -> 6.9e16 (~86 ms). No atomics; the
+    partial states are 16*n_splits*N bytes (17 MB at N = 65536, 17 splits) plus a combine pass over them.
+    HBM bytes come from re-reading tiles: a program re-reads its [BLOCK_M, H] hidden block (1 MiB) for every
+    vocabulary tile it visits, and every W tile (1 MiB) is read by every row block.
+      - Row-major order (the 132 concurrent programs = 132 row blocks of one vocabulary split; what this kernel
+        did before): 64-132 MiB of hidden blocks in flight, more than the 50 MB L2, so hidden comes from HBM
+        each tile: 2*N*H*V/BLOCK_V bytes = 67 GB at N = 8192, 538 GB at N = 65536 (112-160 ms at 4.8-3.35 TB/s,
+        more than the 86 ms of GEMM).
+      - Grouped order (Triton's matmul tutorial; this kernel): the concurrent programs are GROUP_M = 8 row blocks
+        x ~17 vocabulary splits, so 8 MiB of hidden and ~17 MiB of W tiles are in flight and stay in L2; hidden
+        is read from HBM about once (0.07 / 0.5 GB) and W once per group of GROUP_M row blocks:
+        2*V*H*N/(GROUP_M*BLOCK_M) = 8.4 GB at N = 8192, 67 GB at N = 65536 (2.5 / 20 ms at 3.35 TB/s, under the
+        GEMM time). _pick_splits makes at least cdiv(SMs, GROUP_M) splits so that a group fills the machine.
 """
 import torch
 import triton
@@ -12,10 +27,10 @@ from ._common import (DOT_FP32, IS_INTERPRETER, cdiv, check_device, check_float_
 
 def _config(dtype: torch.dtype) -> dict:
     if IS_INTERPRETER:  # tl.dot needs >= 16 per dim; small tiles so tiny test shapes still span several tiles
-        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # fp32 dots run without tensor cores (ieee) unless TF32 is enabled: smaller tiles
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 # Programs per SM the vocabulary split aims for: with one 128x128 program per SM (it uses ~250 registers/thread),
@@ -23,31 +38,39 @@ def _config(dtype: torch.dtype) -> dict:
 WAVES = 4
 
 
-def _pick_splits(num_m_blocks: int, num_v_tiles: int, sms: int) -> tuple[int, int]:
-    """Split the vocabulary into (n_splits, tiles_per_split) so that num_m_blocks * n_splits gives about WAVES
-    waves of programs even when there are few row blocks; every split holds at least one tile."""
-    want = max(1, min(num_v_tiles, cdiv(WAVES * sms, num_m_blocks)))
+def _pick_splits(num_m_blocks: int, num_v_tiles: int, sms: int, group_m: int) -> tuple[int, int]:
+    """Split the vocabulary into (n_splits, tiles_per_split): enough splits that num_m_blocks * n_splits gives
+    about WAVES waves of programs even when there are few row blocks, and at least cdiv(sms, group_m) so that one
+    group of group_m row blocks times its splits fills the SMs (the concurrent programs then share hidden blocks
+    in L2, module docstring); every split holds at least one tile."""
+    want = max(1, min(num_v_tiles, max(cdiv(WAVES * sms, num_m_blocks), cdiv(sms, group_m))))
     tiles_per_split = cdiv(num_v_tiles, want)
     return cdiv(num_v_tiles, tiles_per_split), tiles_per_split
 
 
-@triton.jit(do_not_specialize=["M", "num_m_blocks", "tiles_per_split", "plane"])  # per-call sizes: no recompiles
+# per-call sizes: no recompiles
+@triton.jit(do_not_specialize=["M", "num_m_blocks", "tiles_per_split", "plane", "n_splits"])
 def _fused_stats_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, part_ptr,
                         M, V, H, stride_hm, stride_wv, inv_t, num_m_blocks, tiles_per_split, plane,
-                        HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-                        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                        n_splits, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+                        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """z_iv = (sum_k h_ik W_vk + b_v) / T; per row i the online state (max, sum-exp, sum p*(z-max)) over a range of
     columns, plus z_i[t_i] when the target falls in that range.
 
-    Grid: (num_m_blocks * n_splits,), pid = split * num_m_blocks + row_block: programs running together share a
-    vocabulary split and walk its W tiles in the same order (L2 reuse of W). Each program takes BLOCK_M rows and
-    the split's BLOCK_V tiles; each tile is a K-loop of tl.dot over BLOCK_K slices of H with an fp32 accumulator.
+    Grid: (num_m_blocks * n_splits,) in grouped order (Triton's matmul tutorial): pids run through groups of
+    GROUP_M row blocks, within a group row block fastest, then split: the programs running together are a few
+    row blocks times many splits, sharing hidden blocks and W tiles in L2 (module docstring). Each program takes
+    BLOCK_M rows and the split's BLOCK_V tiles; each tile is a K-loop of tl.dot over BLOCK_K slices of H with an
+    fp32 accumulator.
     SINGLE_SPLIT: write lse / logp / entropy directly; otherwise write the partial state (m, s, a, z_t) to
     part_ptr[4, n_splits, M] (plane = n_splits * M) for _combine_kernel."""
     pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_s = pid // num_m_blocks
+    per_group = GROUP_M * n_splits
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_s = (pid % per_group) // group_size
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     h_rows = h_ptr + rows.to(tl.int64) * stride_hm
@@ -146,14 +169,14 @@ def fused_linear_stats(hidden, weight, bias, targets, temperature: float, return
 
     cfg = _config(hidden.dtype)
     num_m_blocks = cdiv(m, cfg["BLOCK_M"])
-    n_splits, tiles_per_split = _pick_splits(num_m_blocks, cdiv(v, cfg["BLOCK_V"]), num_sms(dev))
+    n_splits, tiles_per_split = _pick_splits(num_m_blocks, cdiv(v, cfg["BLOCK_V"]), num_sms(dev), cfg["GROUP_M"])
     check_grid(num_m_blocks * n_splits)
     part = torch.empty((4, n_splits, m), dtype=torch.float32, device=dev) if n_splits > 1 else lse
     _fused_stats_kernel[(num_m_blocks * n_splits,)](
         hidden, weight, bias if bias is not None else hidden, targets, lse, logp, ent if ent is not None else lse,
         part, m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, num_m_blocks, tiles_per_split,
-        n_splits * m, HAS_BIAS=bias is not None, WITH_ENTROPY=bool(return_entropy), SINGLE_SPLIT=n_splits == 1,
-        DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg)
+        n_splits * m, n_splits, HAS_BIAS=bias is not None, WITH_ENTROPY=bool(return_entropy),
+        SINGLE_SPLIT=n_splits == 1, DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg)
     if n_splits > 1:
         block = 16 if IS_INTERPRETER else 256
         _combine_kernel[(cdiv(m, block),)](part, targets, lse, logp, ent if ent is not None else lse, m, v, n_splits,
