@@ -178,6 +178,16 @@ def _needs(ctx, bias, grad_on: bool) -> tuple:
     return (grad_on and n[0], grad_on and n[1], grad_on and bias is not None and n[2])
 
 
+def scaled_saved_grads(saved, grad_loss: Tensor) -> tuple:
+    """The gradients a forward made with grad_output = 1, times the real grad_output (None stays None)."""
+    return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in saved)
+
+
+def scatter_rows(d_rows: Optional[Tensor], plan: Plan, h2d: Tensor) -> Optional[Tensor]:
+    """dH of the plan's active rows -> dH of every row (zeros for the rows the loss does not see)."""
+    return None if d_rows is None else h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
+
+
 class ChunkedGRPOLoss(torch.autograd.Function):
     """Loss and metrics; gradients computed chunk by chunk during the forward (grad_output = 1), the backward only
     scales them. fp16 inputs defer the gradient GEMMs to the backward instead (logits recomputed: 8·N·H·V FLOPs):
@@ -232,9 +242,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         if not ctx.defer:
-            d_hidden, d_weight, d_bias = ctx.saved_tensors
-            scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-            return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+            return (*scaled_saved_grads(ctx.saved_tensors, grad_loss), None, None, None, None, None, None)
         h2d, weight, bias, lse_rows, g_rows = ctx.saved_tensors
         plan, needs = ctx.plan, ctx.needs
         h_rows = h2d.index_select(0, plan.rows)
@@ -242,10 +250,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         d_rows, d_weight, d_bias = chunked_grads(h_rows, weight, bias, targets, lse_rows,
                                                  g_rows * grad_loss.to(g_rows.dtype), ctx.temperature, needs, ctx.ops,
                                                  ctx.chunk_size)
-        d_hidden = None
-        if needs[0]:
-            d_hidden = h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
+        return scatter_rows(d_rows, plan, h2d), d_weight, d_bias, None, None, None, None, None, None
 
 
 class FusedGRPOLoss(torch.autograd.Function):

@@ -38,7 +38,8 @@ from .loss_math import token_loss_and_grad
 from .metrics import LossMetrics
 from .options import LossOptions
 from .sizing import size_call
-from .strategies import _finish_metrics, _Grads, _operand_dtype, _skipped_entropy, _Totals, forward_stats
+from .strategies import (_finish_metrics, _Grads, _needs, _operand_dtype, _skipped_entropy, _Totals,
+                         forward_stats, scaled_saved_grads, scatter_rows)
 from .torch_ops import _acc_dtype
 
 Tensor = torch.Tensor
@@ -334,8 +335,7 @@ class VocabParallelGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2d, weight, bias, plan, opts: LossOptions, shard: Shard, chunk: int, kl_on: bool,
                 grad_on: bool):
-        n = ctx.needs_input_grad  # stays True under torch.no_grad: grad_on is the caller's grad mode
-        needs = (grad_on and n[0], grad_on and n[1], grad_on and bias is not None and n[2])
+        needs = _needs(ctx, bias, grad_on)
         need_grad = any(needs)
         defer = need_grad and h2d.dtype == torch.float16
         acc = _acc_dtype(h2d.dtype)
@@ -370,7 +370,7 @@ class VocabParallelGRPOLoss(torch.autograd.Function):
             ctx.plan, ctx.needs, ctx.shard, ctx.chunk, ctx.temperature = plan, needs, shard, chunk, opts.temperature
         else:
             d_rows, d_weight, d_bias = grads.finish(shard, h2d, weight, bias)
-            ctx.save_for_backward(_scatter_rows(d_rows, plan, h2d), d_weight, d_bias)
+            ctx.save_for_backward(scatter_rows(d_rows, plan, h2d), d_weight, d_bias)
         out = _finish_metrics(totals, plan, opts, kl_on)
         ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
         return out
@@ -378,20 +378,13 @@ class VocabParallelGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         if not ctx.defer:
-            d_hidden, d_weight, d_bias = ctx.saved_tensors
-            scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-            return scale(d_hidden), scale(d_weight), scale(d_bias), None, None, None, None, None, None
+            return (*scaled_saved_grads(ctx.saved_tensors, grad_loss), None, None, None, None, None, None)
         h2d, weight, bias, lse_rows, g_rows = ctx.saved_tensors
         plan = ctx.plan
         d_rows, d_weight, d_bias = _recomputed_grads(
             h2d.index_select(0, plan.rows), weight, bias, plan.targets.index_select(0, plan.rows), lse_rows,
             g_rows * grad_loss.to(g_rows.dtype), ctx.temperature, ctx.shard, ctx.chunk, ctx.needs)
-        return _scatter_rows(d_rows, plan, h2d), d_weight, d_bias, None, None, None, None, None, None
-
-
-def _scatter_rows(d_rows: Optional[Tensor], plan, h2d: Tensor) -> Optional[Tensor]:
-    """dH of the active rows -> dH of every row (zeros for the rows the loss does not see)."""
-    return None if d_rows is None else h2d.new_zeros(h2d.shape).index_copy_(0, plan.rows, d_rows)
+        return scatter_rows(d_rows, plan, h2d), d_weight, d_bias, None, None, None, None, None, None
 
 
 def fused_linear_grpo_loss(opts: LossOptions, process_group, hidden, weight, bias, ids, mask, adv, old, ref, rho,
