@@ -35,6 +35,7 @@ from transformers import HfArgumentParser
 from .config import PRESET_RUNS, PRESETS, GRPOConfig
 from .logger import format_seconds
 from .model_config import ModelConfig
+from .threads import set_num_threads
 
 USAGE = __doc__
 
@@ -357,30 +358,6 @@ def cmd_train(argv: list[str]) -> dict:
 
     distributed.destroy(trainer.dist)
     return results
-
-
-def set_num_threads(requested: int | None = None) -> str:
-    """Pick torch's CPU thread count and say why (printed at start).
-
-    torch starts one intra-op thread per core it may use. On a machine where other processes keep cores busy, its
-    threads wait for each other at every parallel region (measured on the 2-core machine at load average 9: a
-    512x512 fp32 matmul took 4x longer with 2 threads than with 1). Default: the cores this process may use, minus
-    the 1-minute load average from other processes (at least 1), split over the processes of a torchrun node.
-    OMP_NUM_THREADS, when set, or --num_threads wins."""
-    import torch
-
-    if requested:
-        torch.set_num_threads(requested)
-        return f"torch threads: {torch.get_num_threads()} (--num_threads)"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    n = max(1, min(torch.get_num_threads(), round(cores - load) // per_node))
-    torch.set_num_threads(n)
-    return (f"torch threads: {n} ({cores} cores available, 1-minute load average {load:.1f}"
-            + (f", {per_node} processes on this node" if per_node > 1 else "") + "; --num_threads N to override)")
 
 
 def cmd_eval(argv: list[str]) -> dict:

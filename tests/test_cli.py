@@ -182,25 +182,6 @@ def test_help_lists_lora_flags(capsys):
     assert "--use_peft" in out and "--lora_r" in out and "LoRA rank" in out and "--fsdp" in out
 
 
-def test_thread_count_follows_free_cores(monkeypatch):
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-        torch.set_num_threads(4)
-        monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-        assert "torch threads: 3 (4 cores available, 1-minute load average 1.2" in cli.set_num_threads()
-        assert torch.get_num_threads() == 3
-        monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-        assert cli.set_num_threads().startswith("torch threads: 1 ")
-        assert cli.set_num_threads(2).startswith("torch threads: 2 (--num_threads)")
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert "(OMP_NUM_THREADS=2)" in cli.set_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_resuming_a_finished_run_keeps_its_results(tmp_path, capsys):
     torch.set_num_threads(1)
     common = ["--preset", "smoke", "--max_steps", "1", "--eval_max_samples", "2", "--output_dir", str(tmp_path)]
