@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .permissions import honour_umask
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
 # Other spellings accepted for the same two built-ins (a hub id is only an alias here: nothing is downloaded).
@@ -60,6 +62,7 @@ def _atomic_save(model, tokenizer, target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        honour_umask(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process cached it first (target exists and is non-empty)
