@@ -9,3 +9,8 @@ module may raise it.
 
 class UserError(ValueError):
     """A mistake in the user's input: the message names the flag or file, what is wrong, and what to do."""
+
+
+class RewardFunctionError(UserError, RuntimeError):
+    """A reward function raised: the message names it; the original exception is the __cause__ (--debug shows
+    its traceback). Also a RuntimeError, what this error was before it had its own class."""
