@@ -95,6 +95,15 @@ class RunOptions:
 # One dataclass per group of flags; adding one (e.g. a LoRA ModelConfig) is one entry here.
 ARG_DATACLASSES = (GRPOConfig, RunOptions, ModelConfig)
 
+# The flags `grpo eval` reads (model, data, rewards, sampling, evaluation size, threads); the others, the
+# optimizer's included, are not flags of eval. A YAML file may still hold them (one file serves train and eval).
+EVAL_FLAGS = frozenset({
+    "model", "dataset", "eval_dataset", "reward_funcs", "reward_weights", "instruction", "system_prompt", "preset",
+    "config", "num_threads", "debug", "eval_max_samples", "eval_temperature", "max_prompt_length",
+    "max_completion_length", "top_p", "top_k", "min_p", "repetition_penalty",
+    "generation_batch_size", "attn_implementation", "seed",
+})
+
 _DESCRIPTIONS = {
     "train": "GRPO-train a causal LM. Without arguments: the default run (SmolLM2-135M-Instruct on arithmetic "
              "word problems).",
@@ -159,10 +168,10 @@ class ArgumentParser(HfArgumentParser):
     name the flag and suggest the closest one, and no prefix matching (`--learn` is an error, not learning_rate)."""
 
     def __init__(self, command: str, dataclass_types=ARG_DATACLASSES):
+        self.command = command  # read by _add_dataclass_arguments, which the base __init__ calls
         super().__init__(dataclass_types, prog=f"grpo {command}",
                          usage=f"grpo {command} [CONFIG.yaml] [--flag value ...]", description=_DESCRIPTIONS.get(command), epilog=_EPILOG, allow_abbrev=False,
                          formatter_class=_HelpFormatter)
-        self.command = command
         self.add_argument("config", nargs="?", default=argparse.SUPPRESS, metavar="CONFIG.yaml",
                           help="YAML file of flag values (the same as --config)")
 
@@ -171,6 +180,11 @@ class ArgumentParser(HfArgumentParser):
         hints = typing.get_type_hints(dtype)
         for f in dataclasses.fields(dtype):
             if not f.init:
+                continue
+            if self.command == "eval" and f.name not in EVAL_FLAGS:  # not a flag: its preset / YAML value stays
+                factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+                self.set_defaults(**{f.name: factory() if factory else
+                                     (f.default if f.default is not dataclasses.MISSING else None)})
                 continue
             annotation = hints[f.name]
             kinds = set(typing.get_args(annotation)) or {annotation}
@@ -193,6 +207,8 @@ class ArgumentParser(HfArgumentParser):
         if not flags:
             return f"expected at most one CONFIG.yaml, got extra arguments {leftovers}"
         name = flags[0].lstrip("-").partition("=")[0].replace("-", "_")
+        if self.command == "eval" and name in GRPOConfig.field_names() + [f.name for f in dataclasses.fields(RunOptions)]:
+            return f"{flags[0].partition('=')[0]} is a training flag; grpo eval does not use it"
         return f"unknown flag {flags[0].partition('=')[0]}{_closest(name, self.dests())}"
 
     def dests(self) -> list[str]:
@@ -248,7 +264,8 @@ def parse_args(argv: list[str], command: str = "train", extra_defaults: dict | N
     first, leftovers = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     if leftovers:  # before reading a file: `--lerning_rate 1` must not take "1" for the CONFIG.yaml
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
-    from_yaml = _load_yaml(first.config, parser.dests()) if first.config else {}
+    yaml_keys = parser.dests() if command != "eval" else ArgumentParser("train", dataclass_types).dests()
+    from_yaml = _load_yaml(first.config, yaml_keys) if first.config else {}
     preset = first.preset if "preset" in parser.given(argv) else from_yaml.get("preset", "default")
     if preset not in PRESETS:
         close = difflib.get_close_matches(str(preset), PRESETS, n=1)
