@@ -207,7 +207,8 @@ class ArgumentParser(HfArgumentParser):
         if not flags:
             return f"expected at most one CONFIG.yaml, got extra arguments {leftovers}"
         name = flags[0].lstrip("-").partition("=")[0].replace("-", "_")
-        if self.command == "eval" and name in GRPOConfig.field_names() + [f.name for f in dataclasses.fields(RunOptions)]:
+        training_flags = GRPOConfig.field_names() + [f.name for f in dataclasses.fields(RunOptions)]
+        if self.command == "eval" and name in training_flags:
             return f"{flags[0].partition('=')[0]} is a training flag; grpo eval does not use it"
         return f"unknown flag {flags[0].partition('=')[0]}{_closest(name, self.dests())}"
 
