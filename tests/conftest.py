@@ -30,6 +30,20 @@ def rel_err(a, b):
     return ((a - b).norm() / max(b.norm().item(), TINY)).item()
 
 
+def pytest_report_header(config):
+    """The versions the run used (optional packages: 'not installed', and their tests skip with the reason)."""
+    from importlib import metadata
+
+    names = ("torch", "triton", "transformers", "trl", "peft", "liger-kernel", "accelerate", "datasets")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return "packages: " + ", ".join(found)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
