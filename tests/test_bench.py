@@ -283,3 +283,34 @@ def test_sweep_saves_partial_json_after_each_implementation(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["meta"]["complete"] is True and data["records"][0]["status"] == "ok"
+
+
+def test_cpu_memory_counts_a_buffer_that_reuses_freed_heap_pages():
+    """glibc keeps freed buffers under its dynamic mmap threshold in its heap; a later buffer placed on those pages
+    raised neither RSS nor its peak, so the old VmHWM - VmRSS method read 0 for an 8 MiB buffer."""
+    if not measure.reset_peak_rss():
+        pytest.skip("needs /proc/self/clear_refs (Linux)")
+    mib = 1 << 20
+    big = torch.ones(24 * mib // 4)  # its free raises glibc's mmap threshold to 24 MiB (the maximum is 32 MiB)
+    del big
+    kept = [torch.ones(8 * mib // 4) for _ in range(2)]  # now from the heap: 16 MiB of pages, freed and kept
+    del kept
+
+    def run():
+        torch.ones(8 * mib // 4).sum()
+
+    extra, how, _ = measure.peak_extra_bytes(run, torch.device("cpu"))
+    assert extra >= 7 * mib, (extra / mib, how)
+
+
+def test_expected_buffer_of_the_chunked_strategy_and_of_full_logits():
+    from bench.impls import expected_buffer_bytes
+
+    case = shapes.Case(mode="loss", preset="quick", hidden=256, vocab=8192, tokens=4096, seq_len=512, dtype="fp32")
+    cpu = torch.device("cpu")
+    assert expected_buffer_bytes(REGISTRY["torch"], case, cpu) == 4096 * 8192 * 4
+    # 32 MiB chunks of 1024 fp32 rows of V = 8192, and the fp32 dW accumulator [V, H] for the 4 chunks
+    assert expected_buffer_bytes(REGISTRY["ours-chunked"], case, cpu) == 1024 * 8192 * 4 + 8192 * 256 * 4
+    assert expected_buffer_bytes(REGISTRY["ours-auto"], case, cpu) == expected_buffer_bytes(REGISTRY["ours-chunked"],
+                                                                                             case, cpu)
+    assert expected_buffer_bytes(REGISTRY["ours-fused"], case, cpu) is None
