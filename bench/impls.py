@@ -524,7 +524,9 @@ def expected_buffer_bytes(impl: Impl, case, device: torch.device) -> int | None:
         return case.tokens * case.vocab * 4
     if impl.name == "ours-chunked" or (impl.name == "ours-auto" and device.type == "cpu"):
         dtype = DTYPES[case.dtype]
-        rows = sizing.default_chunk_size(case.tokens, case.vocab, case.hidden, dtype, device)
+        # rows as the API sizes them (the torch backend, the CPU's, budgets its epilogue's temporaries too)
+        rows = sizing.default_chunk_size(case.tokens, case.vocab, case.hidden, dtype, device,
+                                         torch_epilogue=device.type != "cuda")
         acc = sizing.accumulator_bytes(case.vocab, case.hidden, dtype, True) if rows < case.tokens else 0
         return rows * sizing.chunk_row_bytes(case.vocab, dtype, False) + acc
     return None
