@@ -1,6 +1,6 @@
 """The one exception class for mistakes a user can fix (a missing file, a bad flag, an unwritable folder).
 
-`grpo` commands print a UserError as one line (`grpo: <message>`) and exit with status 2; anything else is a bug
+`grpo` commands print a UserError as one line (`grpo: <message>`) and exit with status 1; anything else is a bug
 and keeps its traceback. `--debug` shows the traceback of a UserError too. It subclasses ValueError so that code
 catching ValueError (and tests written against it) keeps working. This module imports nothing, so every other
 module may raise it.
