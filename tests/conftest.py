@@ -30,8 +30,9 @@ def rel_err(a, b):
     return ((a - b).norm() / max(b.norm().item(), TINY)).item()
 
 
-def pytest_report_header(config):
-    """The versions the run used (optional packages: 'not installed', and their tests skip with the reason)."""
+def pytest_terminal_summary(terminalreporter):
+    """The versions the run used, after the results (also under -q, which hides the header); an optional package
+    shows 'not installed', and its tests skip with the reason."""
     from importlib import metadata
 
     names = ("torch", "triton", "transformers", "trl", "peft", "liger-kernel", "accelerate", "datasets")
@@ -41,7 +42,7 @@ def pytest_report_header(config):
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             found.append(f"{name} not installed")
-    return "packages: " + ", ".join(found)
+    terminalreporter.write_line("packages: " + ", ".join(found))
 
 
 def pytest_configure(config):
