@@ -30,6 +30,21 @@ def rel_err(a, b):
     return ((a - b).norm() / max(b.norm().item(), TINY)).item()
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The versions the run used, after the results (also under -q, which hides the header); an optional package
+    shows 'not installed', and its tests skip with the reason."""
+    from importlib import metadata
+
+    names = ("torch", "triton", "transformers", "trl", "peft", "liger-kernel", "accelerate", "datasets")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    terminalreporter.write_line("packages: " + ", ".join(found))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
