@@ -95,7 +95,7 @@ def save_rollout_buffer(path: Path, buffers: list[list[dict]]) -> None:
             rest = {}
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{r}.{i}.{key}"] = value.detach().cpu().contiguous()
+                    tensors[f"{r}.{i}.{key}"] = value.detach().cpu().clone()  # safetensors refuses shared storage
                 else:
                     rest[key] = value
             rest["_tensors"] = sorted(k for k, v in state.items() if isinstance(v, torch.Tensor))
