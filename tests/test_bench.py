@@ -96,7 +96,6 @@ def test_inputs_are_random_deterministic_and_sparse_as_asked():
 
 
 def test_inprocess_run_writes_json_markdown_and_plot(tmp_path):
-    pytest.importorskip("grpo_kernels")
     res = cli.run_suite(
         "loss", _cases(), ["torch", "ours-chunked"], OPTS, "cpu", TINY_TIMING, in_process=True, progress=False
     )
@@ -173,7 +172,6 @@ def test_shapes_that_cannot_fit_are_skipped(monkeypatch):
 
 
 def test_logprobs_mode_inprocess():
-    pytest.importorskip("grpo_kernels")
     res = _suite(["torch", "ours-auto"], mode="logprobs", cases=_cases("logprobs", tokens=(96,), pad=0.25))
     for r in res["records"]:
         assert r["status"] == "ok", r.get("error")
@@ -242,7 +240,8 @@ def test_phase_meter_separates_nested_phases():
 
 
 def test_step_benchmark_runs_the_bundled_trainer(tmp_path):
-    pytest.importorskip("grpo.trainer")
+    import importlib.util
+
     from bench import step
 
     parser = cli.build_parser()
@@ -256,15 +255,16 @@ def test_step_benchmark_runs_the_bundled_trainer(tmp_path):
     assert ours["status"] == "ok", ours.get("error")
     assert len(ours["per_step"]) == 1 and ours["step_s"] > 0
     assert all(ours[f"{p}_s"] is not None for p in step.PHASES)
-    assert by["trl"]["status"] in ("ok", "unavailable"), by["trl"].get("error")
+    # TRL's row runs wherever trl and datasets are installed (CI installs both), and says why not otherwise.
+    trl_installed = all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets"))
+    assert by["trl"]["status"] == ("ok" if trl_installed else "unavailable"), by["trl"].get("error")
     assert (tmp_path / "step-tiny.json").exists() and "ours-auto" in (tmp_path / "step-tiny.md").read_text()
 
 
 @pytest.mark.parametrize("mode", ["loss", "logprobs"])
 def test_liger_adapter_passes_the_gate(mode):
     """The Liger row is only meaningful if the adapter feeds Liger the same problem: gate it here."""
-    pytest.importorskip("liger_kernel")
-    pytest.importorskip("grpo_kernels")
+    pytest.importorskip("liger_kernel")  # an optional third-party package (CI installs it when it can)
     impl = REGISTRY["liger"]
     device = torch.device("cpu")
     if impl.unavailable(device, mode):
