@@ -380,15 +380,16 @@ def load(folder, model, optimizer, scheduler, rank: int) -> tuple[dict, dict | N
         state = json.loads((folder / STATE_FILE).read_text())
     from . import lora
 
+    # check() has read the weight files' headers: an error from here on is a checkpoint that does not fit this
+    # model or optimizer (its own clear message), not a damaged file.
     if lora.is_peft(model):
-        with _reading(folder, lora.ADAPTER_WEIGHTS):
-            lora.load_adapter_weights(model, folder)
+        lora.load_adapter_weights(model, folder)
     else:
-        with _reading(folder, "model.safetensors"):
-            load_model_weights(model, folder)
+        load_model_weights(model, folder)
     device = next(model.parameters()).device
     with _reading(folder, "optimizer.pt"):
-        optimizer.load_state_dict(checkpoint_io.load_weights_only(folder / "optimizer.pt", map_location=device))
+        optimizer_state = checkpoint_io.load_weights_only(folder / "optimizer.pt", map_location=device)
+    optimizer.load_state_dict(optimizer_state)
     rngs, buffers = _load_run_state(folder, scheduler)
     rng = rngs[rank] if rank < len(rngs) else None
     buffer = buffers[rank] if buffers is not None and rank < len(buffers) else None
@@ -398,7 +399,8 @@ def load(folder, model, optimizer, scheduler, rank: int) -> tuple[dict, dict | N
 def _load_run_state(folder: Path, scheduler) -> tuple[list[dict], list | None]:
     """scheduler.pt into the scheduler; every rank's RNG states and rollout buffers (None when not saved)."""
     with _reading(folder, "scheduler.pt"):
-        scheduler.load_state_dict(checkpoint_io.load_weights_only(folder / "scheduler.pt"))
+        scheduler_state = checkpoint_io.load_weights_only(folder / "scheduler.pt")
+    scheduler.load_state_dict(scheduler_state)
     legacy = not (folder / checkpoint_io.RNG_FILE).is_file()
     with _reading(folder, checkpoint_io.LEGACY_RNG_FILE if legacy else checkpoint_io.RNG_FILE):
         rngs = checkpoint_io.load_rng_states(folder)

@@ -459,12 +459,11 @@ def main(argv: list[str] | None = None) -> int:
             close = difflib.get_close_matches(command, ["train", "eval", "export"], n=1)
             raise SystemExit(f"grpo: unknown command {command!r}; use 'train', 'eval' or 'export'"
                              + (f" (did you mean {close[0]!r}?)" if close else ""))
-    except UserError as e:  # one line, no traceback: a checkpoint, the output dir, the rewards
-        print(f"grpo: error: {e}", file=sys.stderr, flush=True)
-        return 1
+    except UserError as e:  # one line, no traceback (exit status 1): a checkpoint, the output dir, the rewards
+        raise SystemExit("grpo: " + " ".join(str(e).splitlines())) from None
     except KeyboardInterrupt as e:  # a second SIGINT during training (see grpo/signals.py), or one outside it
         print(f"grpo: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr, flush=True)
-        return 130
+        raise SystemExit(130) from None
     return 0
 
 

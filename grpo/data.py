@@ -251,8 +251,8 @@ def check_prompts(rows: list[dict], what: str = "dataset") -> None:
         else:
             empty = prompt is None or not str(prompt).strip()
         if empty:
-            raise ValueError(f"{what} row {i} (counting from 0) has an empty prompt {prompt!r}: every row needs a "
-                             "non-empty prompt; remove or fix that row")
+            raise ValueError(f"{what} row {i + 1} (counting from 1) has an empty prompt {prompt!r}: every row needs "
+                             "a non-empty prompt; remove or fix that row")
 
 
 def detect_format(rows: list[dict]) -> str:
@@ -303,7 +303,7 @@ def to_prompt_rows(
                 continue
             text = str(prompt)
             if not text.strip():
-                raise ValueError(f"row {i}: empty prompt {prompt!r}; every row needs a non-empty prompt")
+                raise ValueError(f"row {i + 1}: empty prompt {prompt!r}; every row needs a non-empty prompt")
         else:
             text = row.get("question") if fmt == "gsm8k" else row.get("problem", row.get("question"))
             if not isinstance(text, str) or not text.strip():

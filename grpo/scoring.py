@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import RewardError
+from .errors import UnscorableRewardsError
 from .rewards import REWARD_FUNCS
 
 _NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # TRL passes these separately, never as columns
@@ -308,7 +308,7 @@ def _check_rewards(result, n: int, name: str) -> torch.Tensor:
 class UnscorableWatch:
     """Counts consecutive generation batches in which no completion could be scored (every reward function
     returned None for every completion): such a batch has no learning signal (reward null, loss 0). Each one is
-    reported; `max_steps` of them in a row (None = never) stop training with a RewardError."""
+    reported; `max_steps` of them in a row (None = never) stop training with an UnscorableRewardsError."""
 
     def __init__(self, max_steps: int | None):
         self.max_steps, self.in_a_row = max_steps, 0
@@ -320,7 +320,7 @@ class UnscorableWatch:
             return None
         self.in_a_row += 1
         if self.max_steps is not None and self.in_a_row >= self.max_steps:
-            raise RewardError(
+            raise UnscorableRewardsError(
                 f"no completion could be scored in {self.in_a_row} consecutive steps (every reward function returned "
                 f"None for all of them, up to step {step}): training has no learning signal. Check the reward "
                 "functions and the dataset columns they read (max_unscorable_steps sets this limit)")

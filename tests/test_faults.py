@@ -20,7 +20,7 @@ import torch
 
 import test_trainer as tt
 from grpo import checkpoint, checkpoint_io, cli, data, run_lock, scoring
-from grpo.errors import CheckpointError, RewardError, RunLockedError
+from grpo.errors import CheckpointError, RunLockedError, UnscorableRewardsError
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -400,21 +400,23 @@ def test_a_second_sigint_aborts_at_once(tmp_path):
     assert not (tmp_path / run_lock.LOCK_NAME).exists()
 
 
-def test_the_cli_exits_130_on_an_abort_and_1_on_a_user_error(monkeypatch, capsys):
+def test_the_cli_exits_130_on_an_abort_and_one_line_on_a_user_error(monkeypatch, capsys):
     def abort(argv):
         raise KeyboardInterrupt("second SIGINT (after SIGINT): stopped at once, without a checkpoint")
 
     monkeypatch.setattr(cli, "cmd_train", abort)
-    assert cli.main(["train"]) == 130
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train"])
+    assert e.value.code == 130
     assert capsys.readouterr().err.strip().startswith("grpo: interrupted: second SIGINT")
 
     def refuse(argv):
         raise CheckpointError("checkpoint-2/optimizer.pt is missing; no earlier complete checkpoint in x")
 
     monkeypatch.setattr(cli, "cmd_train", refuse)
-    assert cli.main(["train"]) == 1
-    assert capsys.readouterr().err == "grpo: error: checkpoint-2/optimizer.pt is missing; no earlier complete " \
-                                      "checkpoint in x\n"
+    with pytest.raises(SystemExit) as e:  # Python prints the message to stderr and exits with status 1
+        cli.main(["train"])
+    assert e.value.code == "grpo: checkpoint-2/optimizer.pt is missing; no earlier complete checkpoint in x"
 
 
 def _cli_train(out, *extra):
@@ -550,7 +552,7 @@ def test_unscorable_batches_warn_each_step_then_stop():
     assert "(2 in a row; training stops after 3 in a row)" in watch.update(none, 2)
     assert watch.update(some, 3) is None  # one scorable completion resets the count
     watch.update(none, 4), watch.update(none, 5)
-    with pytest.raises(RewardError, match="no completion could be scored in 3 consecutive steps"):
+    with pytest.raises(UnscorableRewardsError, match="no completion could be scored in 3 consecutive steps"):
         watch.update(none, 6)
     assert scoring.UnscorableWatch(None).update(none, 1).endswith("(1 in a row)")
 
@@ -562,7 +564,7 @@ def test_a_run_whose_rewards_are_all_none_stops_with_a_clear_error(tmp_path, cap
         return [None] * len(completions)
 
     trainer.reward_funcs = [never]
-    with pytest.raises(RewardError, match="no completion could be scored in 2 consecutive steps"):
+    with pytest.raises(UnscorableRewardsError, match="no completion could be scored in 2 consecutive steps"):
         trainer.train()
     assert trainer.step == 1
     warnings = [line for line in capsys.readouterr().out.splitlines() if "could be scored" in line]
@@ -593,7 +595,7 @@ def test_empty_prompts_are_refused_at_load_with_the_row_number(tmp_path):
     for empty in ("", "   ", [], [{"role": "user", "content": ""}], None):
         rows = tt.toy_rows()
         rows[3] = {"prompt": empty, "target": "a"}
-        with pytest.raises(ValueError, match=r"train_dataset row 3 \(counting from 0\) has an empty prompt"):
+        with pytest.raises(ValueError, match=r"train_dataset row 4 \(counting from 1\) has an empty prompt"):
             tt.make_trainer(tmp_path, rows=rows)
-    with pytest.raises(ValueError, match="row 1: empty prompt"):
+    with pytest.raises(ValueError, match="row 2: empty prompt"):
         data.to_prompt_rows([{"prompt": "fine"}, {"prompt": " "}], conversational=False)
