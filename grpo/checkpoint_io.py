@@ -152,7 +152,7 @@ def load_legacy(path: Path):
 def describe_load_error(error: BaseException) -> str:
     """Why a file did not load, in a few words: a refused pickle global, a truncated archive, or the raw cause."""
     text = str(error)
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"refused global (\S+)", text)
+    refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|refused global) (\S+)", text)
     if isinstance(error, pickle.UnpicklingError) or refused:
         what = f" ({refused.group(1)})" if refused else ""
         return (f"holds pickled Python objects outside the allow-list{what}; refused without running them "

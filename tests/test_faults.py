@@ -84,6 +84,19 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(run_dir, tmp
     assert not marker.exists(), "the pickle payload ran"
 
 
+class ShellPayload:
+    def __reduce__(self):
+        return os.system, ("true",)  # harmless if it ever ran; the point is the name in the message
+
+
+def test_the_refused_global_is_named(tmp_path):
+    torch.save({"state": ShellPayload()}, tmp_path / "optimizer.pt")
+    with pytest.raises(Exception) as e:
+        checkpoint_io.load_weights_only(tmp_path / "optimizer.pt")
+    assert checkpoint_io.describe_load_error(e.value).startswith(
+        f"holds pickled Python objects outside the allow-list ({os.system.__module__}.system)")
+
+
 def test_dcp_metadata_is_replayed_with_an_allow_list(tmp_path):
     """FSDP checkpoints: torch.distributed.checkpoint unpickles dcp/.metadata without restriction, so it is checked
     first. A real metadata file passes; a hostile one is refused without running."""
