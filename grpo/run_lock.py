@@ -13,9 +13,11 @@ Under torchrun only the main rank locks; the other ranks learn the outcome from 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
+import sys
 from pathlib import Path
 
 from .errors import RunLockedError
@@ -42,6 +44,16 @@ def acquire(output_dir: str | os.PathLike) -> None:
             os.close(fd)
             raise RunLockedError(f"{output_dir} is in use by another grpo run (PID {holder}); wait for it to "
                                  "finish or choose another --output_dir") from None
+        except OSError as e:  # a file system without flock (some network mounts): run, but say so
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            print(f"[grpo] warning: {output_dir} does not support file locks ({e.strerror}): nothing stops a second "
+                  "run from writing into it at the same time", file=sys.stderr, flush=True)
+            _held[key] = [None, 1]
+            return
         # The holder deletes the file when it releases it: if that happened between our open and our flock,
         # we locked a file nobody else can see. Start over on the current one.
         try:
@@ -64,6 +76,8 @@ def release(output_dir: str | os.PathLike) -> None:
     entry[1] -= 1
     if entry[1] == 0:
         del _held[key]
+        if entry[0] is None:  # no lock was possible (see acquire)
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(Path(output_dir) / LOCK_NAME)  # while still locked: see acquire
         os.close(entry[0])

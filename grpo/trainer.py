@@ -233,11 +233,11 @@ class GRPOTrainer:
                                   f"reward={self.last_eval[1]['eval/reward']:.3f}")
 
             # (6) Checkpoint every save_steps and at the end, and before stopping on a signal (any rank's).
-            stop = self._stop.agreed() and self.step < self.max_steps
+            stop = self._stop.agreed()
             if self.step % args.save_steps == 0 or self.step == self.max_steps or stop:
                 self.logger.phase("saving", self.step)
                 self.save_checkpoint()
-            if stop:
+            if stop:  # (also at the last step: the command line then skips its final evaluation)
                 self.stopped_by_signal = self._stop.reason()
                 folder = Path(args.output_dir) / f"{checkpoint.PREFIX}{self.step}"
                 self.logger.write(f"[grpo] {self.stopped_by_signal}: stopped after step {self.step}/{self.max_steps} "

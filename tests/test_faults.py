@@ -348,6 +348,19 @@ def test_the_lock_is_released_and_removed_after_a_run(tmp_path):
     assert not (tmp_path / run_lock.LOCK_NAME).exists()
 
 
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run_lock.acquire(tmp_path)
+    assert "does not support file locks (No locks available)" in capsys.readouterr().err
+    run_lock.release(tmp_path)
+    assert not (tmp_path / run_lock.LOCK_NAME).exists()
+
+
 def test_a_fresh_run_refuses_a_dir_with_checkpoints_unless_told(run_dir):
     before = (run_dir / "metrics.jsonl").read_text()
     with pytest.raises(RunLockedError, match=r"already holds checkpoints of an earlier run \(checkpoint-1 to "
@@ -395,6 +408,15 @@ def test_a_signal_finishes_the_step_saves_and_returns(tmp_path, sig):
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3]
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-3"]
     assert signal.getsignal(sig) is before  # handlers restored
+
+
+def test_a_signal_during_the_last_step_is_reported_too(tmp_path):
+    """The run ends anyway; `grpo train` must still learn that it was asked to stop (it skips its evaluation)."""
+    trainer = tt.make_trainer(tmp_path, max_steps=2, save_steps=100)
+    trainer.reward_funcs = [_signalling_reward({2: [signal.SIGTERM]})]
+    trainer.train()
+    assert trainer.step == 2 and trainer.stopped_by_signal == "SIGTERM"
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-2"]
 
 
 def test_the_stop_checkpoint_honours_save_total_limit(tmp_path):
