@@ -10,7 +10,7 @@ What the chunked strategy holds beyond its inputs and outputs:
   - the fp32 [V, H] dW accumulator, only when there is more than one chunk and the weight needs a gradient
     (with one chunk the dW GEMM writes the result directly).
 
-Rules (README, "How it works"):
+Rules (docs/design.md, "Sizing"):
   - chunk rows: all rows in one chunk if they fit; else as many as fit, at most CHUNK_CAP_BYTES of buffer (larger
     chunks gain no GEMM efficiency), balanced so the last chunk is not a sliver, and never fewer than
     CHUNK_FLOOR rows (fewer would make every chunk re-read the whole LM head for little work): if even the floor

@@ -78,7 +78,7 @@ def rng(seed):
 
 
 # ------------------------------------------------------------------------------------ package vs oracle helpers
-# Tolerances from DESIGN.md: relative norm error against float64.
+# Tolerances (docs/design.md, "Testing rules"): relative norm error against float64.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 METRIC_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GRAD_KEYS = ("hidden", "weight", "bias")
