@@ -494,7 +494,10 @@ def test_sigterm_to_a_cli_run_saves_exits_0_and_the_resumed_run_matches(tmp_path
     assert sorted(got) == sorted(want) == list(range(1, 31))
     for s in range(1, 31):
         for key in ("loss", "reward", "grad_norm", "entropy", "num_tokens"):
-            assert got[s][key] == pytest.approx(want[s][key], rel=1e-6, abs=1e-7), (s, key)
+            if want[s][key] is None:  # a step whose micro-batches all skipped logs no entropy
+                assert got[s][key] is None, (s, key)
+            else:
+                assert got[s][key] == pytest.approx(want[s][key], rel=1e-6, abs=1e-7), (s, key)
 
 
 def _signal_rank1_reward(completions, target, **kwargs):
