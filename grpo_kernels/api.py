@@ -14,6 +14,7 @@ from . import vocab_parallel
 from .backends import get_ops, resolve_backend
 from .batch import make_plan
 from .metrics import LossMetrics
+from .no_autocast import no_autocast
 from .options import LossOptions
 from .sizing import size_call
 from .strategies import ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, forward_stats, loss_parts
@@ -47,6 +48,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @_on_device_of("hidden")
+@no_autocast
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
                     temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto",
                     strategy: str = "auto", chunk_size: Optional[int] = None, validate: bool = True,
@@ -99,6 +101,7 @@ def _check_grpo_inputs(ids, attention_mask, advantages, old, ref, vllm_is_ratio,
 
 class _LossFromLogprobs(torch.autograd.Function):
     @staticmethod
+    @no_autocast
     def forward(ctx, logp_flat, plan, opts, ops, grad_on: bool):
         parts = None
         grad = torch.zeros_like(logp_flat)
@@ -116,12 +119,14 @@ class _LossFromLogprobs(torch.autograd.Function):
                 parts.clip_low / clip_den, parts.clip_high / clip_den)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, *unused):
         (grad,) = ctx.saved_tensors
         return grad * grad_loss, None, None, None, None
 
 
 @_on_device_of("per_token_logps")
+@no_autocast
 def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tensor,
               old_per_token_logps: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
               vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None, **loss_options):
@@ -166,6 +171,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, selected_token_ids: T
 
 
 @_on_device_of("hidden")
+@no_autocast
 def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_ids, attention_mask, advantages, bias,
                             ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
                             num_items_in_batch, process_group=None):

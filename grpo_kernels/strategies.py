@@ -23,6 +23,7 @@ import torch
 from .batch import Plan
 from . import torch_ops
 from .loss_math import token_loss_and_grad
+from .no_autocast import no_autocast
 from .options import LossOptions
 
 Tensor = torch.Tensor
@@ -195,6 +196,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
     factor reaches them; in the backward they carry that factor."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool,
                 grad_on: bool):
         needs = _needs(ctx, bias, grad_on)
@@ -240,6 +242,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, *unused):
         if not ctx.defer:
             return (*scaled_saved_grads(ctx.saved_tensors, grad_loss), None, None, None, None, None, None)
@@ -257,6 +260,7 @@ class FusedGRPOLoss(torch.autograd.Function):
     """Loss and metrics from streamed statistics; the backward recomputes the logits tile by tile."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool,
                 grad_on: bool):
         needs = _needs(ctx, bias, grad_on)
@@ -282,6 +286,7 @@ class FusedGRPOLoss(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, *unused):
         h_rows, weight, bias, targets, lse, grad = ctx.saved_tensors
         needs, plan = ctx.needs, ctx.plan
@@ -308,6 +313,7 @@ class LinearLogprobs(torch.autograd.Function):
     entropy term is computed only when the entropy's gradient e is given, nothing at all when neither is."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h2d, weight, bias, targets, temperature: float, return_entropy: bool, strategy: str, ops,
                 chunk_size: int):
         lse, logp, ent = forward_stats(h2d, weight, bias, targets, temperature, return_entropy, strategy, ops,
@@ -321,6 +327,7 @@ class LinearLogprobs(torch.autograd.Function):
         return logp, ent.to(logp.dtype)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_logp, grad_entropy):
         h2d, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
