@@ -4,6 +4,7 @@ Without CUDA, Triton kernels can only run under the interpreter, and TRITON_INTE
 triton-decorated modules are imported: set it here, before any test module imports grpo_kernels or triton.
 """
 
+import datetime
 import math
 import os
 
@@ -14,6 +15,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 import oracle  # noqa: E402  (plain torch; no triton import)
 
@@ -198,3 +200,16 @@ def compare_run(problem, opts, run_opts, oracle_result, *, tol, metric_tol, labe
     exp = expected_metrics(opts.get("loss_type", "dapo"), o_metrics, beta, entropy_on)
     fails += compare_metrics(metrics, exp, metric_tol, label)
     return fails
+
+
+@pytest.fixture
+def one_rank_group():
+    """A single-process gloo group: the vocab-parallel path with its collectives, in this process."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

@@ -5,11 +5,8 @@ strategy and backend, for fp32 and bf16 inputs.
 Before every body ran with autocast off, the chunked strategy's `a @ b` came back in bf16 under autocast and
 `d_hidden.index_copy_` raised for fp32 inputs, and the single-chunk dW was made by a bf16 GEMM."""
 
-import datetime
-
 import pytest
 import torch
-import torch.distributed as dist
 
 import oracle
 
@@ -95,19 +92,6 @@ def test_grpo_loss_under_autocast_equals_without(backend):
             loss.backward()
         outs.append([loss.detach(), x.grad])
     _assert_same(*outs, backend)
-
-
-@pytest.fixture
-def one_rank_group():
-    """A single-process gloo group: the vocab-parallel path with its collectives, in this process."""
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

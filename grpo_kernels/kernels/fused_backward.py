@@ -80,7 +80,7 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, 
     |dz_iv| <= filter_eps * (|g_i| + |e_i|) / T; COUNT_SKIPS adds 1 to skip_ptr[0] (int32) per skipped tile.
     Grid: (num_m_blocks * num_v_blocks,), ordered in groups of GROUP_M row blocks that sweep the vocab blocks
     together: consecutive programs share a W tile and a group's h blocks stay hot in L2. A row block whose g (and
-    e) is all zero does nothing."""
+    e) is all zero does nothing; a NaN g or e counts as live."""
     pid = tl.program_id(0)
     per_group = GROUP_M * num_v_blocks
     first_m = (pid // per_group) * GROUP_M
@@ -96,7 +96,9 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, 
         weight_of_rows = tl.abs(g) + tl.abs(ge)
     else:
         weight_of_rows = tl.abs(g)
-    if tl.max(weight_of_rows, axis=0) > 0.0:
+    # live rows counted as `!= 0`, which a NaN passes (a max drops NaN on the GPU, propagates it in the
+    # interpreter): a block holding a NaN row is always computed, so the NaN reaches the gradients (NaN rule)
+    if tl.sum((weight_of_rows != 0.0).to(tl.int32), axis=0) > 0:
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         h_rows = h_ptr + rows.to(tl.int64) * stride_hm
