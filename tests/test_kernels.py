@@ -308,7 +308,7 @@ def test_fused_linear_stats_covers_single_and_split_vocab():
     # The shapes above take both paths of the vocabulary split (and hence of _combine_kernel) under the interpreter.
     if not IS_INTERPRETER:
         pytest.skip("split choice depends on the GPU's SM count")
-    cfg = fused_forward._config(torch.float32)
+    cfg = fused_forward._config(torch.device("cpu"), torch.float32)
     splits = lambda m, v: fused_forward._pick_splits(-(-m // cfg["BLOCK_M"]), -(-v // cfg["BLOCK_V"]), 1,
                                                      cfg["GROUP_M"])[0]
     assert splits(7, 300) > 1 and splits(50, 129) == 1
@@ -518,7 +518,7 @@ def _filter_oracle(dz, t, grad, g_ent, temperature, dtype):
     """Per tile of the interpreter grid, from float64 dz: (tiles surely skipped, tiles surely kept, total) under
     the documented rule (no live target, every |dz_iv| <= u/V * (|g_i| + |e_i|) / T), with a 2x margin."""
     from grpo_kernels.kernels import fused_backward
-    cfg = fused_backward._config(dtype)
+    cfg = fused_backward._configs(torch.device("cpu"), dtype, False)[0]
     bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
     m, v = dz.shape
     scale = grad.double().abs() + (g_ent.double().abs() if g_ent is not None else 0.0)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (IS_INTERPRETER, check_float_matrix, check_grid, cdiv, inv_temperature, lse_finish, lse_init,
+from ._common import (FP_FUSION, IS_INTERPRETER, check_float_matrix, check_grid, cdiv, inv_temperature, lse_finish, lse_init,
                       lse_update, prepare_row_vector, prepare_targets, row_major)
 
 
@@ -140,7 +140,7 @@ def chunk_stats(logits, targets, temperature: float, return_entropy: bool):
     grid = (cdiv(m, cfg["BLOCK_M"]),)
     check_grid(grid[0])
     _chunk_stats_kernel[grid](logits, targets, lse, logp, ent if return_entropy else lse, m, v, logits.stride(0),
-                              inv_t, WITH_ENTROPY=bool(return_entropy), **cfg)
+                              inv_t, WITH_ENTROPY=bool(return_entropy), **cfg, **FP_FUSION)
     return lse, logp, ent
 
 
@@ -186,5 +186,5 @@ def chunk_dlogits_(logits, targets, lse, grad, temperature: float, entropy=None,
     check_grid(grid[0])
     _chunk_dlogits_kernel[grid](logits, out, targets, lse, grad, entropy if with_eg else grad,
                                 grad_entropy if with_eg else grad, m, v, logits.stride(0), out.stride(0), inv_t,
-                                WITH_ENTROPY_GRAD=with_eg, PACKED=packed, **cfg)
+                                WITH_ENTROPY_GRAD=with_eg, PACKED=packed, **cfg, **FP_FUSION)
     return out

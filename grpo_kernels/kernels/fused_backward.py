@@ -38,21 +38,48 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_FP32, IS_INTERPRETER, cdiv, check_grid, dot_precision, inv_temperature, logits_tile, mma,
-                      prepare_row_vector)
+from triton.runtime.errors import OutOfResources
+
+from ._common import (DOT_FP32, FP_FUSION, IS_INTERPRETER, cdiv, check_grid, dot_precision, inv_temperature,
+                      logits_tile, mma, prepare_row_vector)
+from .configs import INTERPRETER_GEMM, device_limits, fused_backward_configs
 from .fused_forward import check_linear_inputs
 
 # Unit roundoff of the dtype dz is rounded to for the GEMMs and the results are returned in.
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def _config(dtype: torch.dtype, with_entropy_grad: bool = False) -> dict:
+def _configs(device: torch.device, dtype: torch.dtype, with_entropy_grad: bool) -> list[dict]:
+    """Launch candidates on this device, best first (kernels/configs.py)."""
     if IS_INTERPRETER:
-        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)  # 4 warps spill
-    # the entropy-gradient variant spills a few registers at 3 stages (sm_90 ptxas, Triton 3.9), not at 2
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2 if with_entropy_grad else 3)
+        return [dict(INTERPRETER_GEMM)]
+    lim = device_limits(device)
+    return fused_backward_configs(lim.capability, lim.smem_per_block, dtype, with_entropy_grad)
+
+
+# (device, dtype, entropy-grad flag) -> index of the candidate that launched: later calls start there
+_chosen: dict = {}
+
+
+def _launch(cfg: dict, m: int, v: int, args: tuple, flags: dict) -> None:
+    num_m_blocks, num_v_blocks = cdiv(m, cfg["BLOCK_M"]), cdiv(v, cfg["BLOCK_V"])
+    check_grid(num_m_blocks * num_v_blocks)
+    _fused_backward_kernel[(num_m_blocks * num_v_blocks,)](*args, num_m_blocks, num_v_blocks, **flags, **cfg,
+                                                           **FP_FUSION)
+
+
+def _launch_first_that_fits(cfgs: list[dict], key, m: int, v: int, args: tuple, flags: dict) -> None:
+    """Launch with the first candidate whose resources the device has: Triton raises OutOfResources before any
+    program runs (nothing is written), so the next, smaller candidate can take over; later calls start there."""
+    for i in range(_chosen.get(key, 0), len(cfgs)):
+        try:
+            _launch(cfgs[i], m, v, args, flags)
+        except OutOfResources:
+            if i == len(cfgs) - 1:
+                raise
+            continue
+        _chosen[key] = i
+        return
 
 
 def filter_eps(dtype: torch.dtype, vocab: int) -> float:
@@ -203,20 +230,19 @@ def fused_linear_backward(hidden, weight, bias, targets, lse, grad, temperature:
     dw = torch.zeros((v, h_dim), dtype=torch.float32, device=dev) if need_weight else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else None
     if m > 0 and (need_hidden or need_weight or need_bias):
-        cfg = _config(hidden.dtype, with_eg)
-        num_m_blocks = cdiv(m, cfg["BLOCK_M"])
-        num_v_blocks = cdiv(v, cfg["BLOCK_V"])
-        check_grid(num_m_blocks * num_v_blocks)
         dummy = grad  # never dereferenced when its constexpr flag is off
-        _fused_backward_kernel[(num_m_blocks * num_v_blocks,)](
-            hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
-            entropy if with_eg else dummy, grad_entropy if with_eg else dummy,
-            dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-            skipped_tiles if skipped_tiles is not None else targets,
-            m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, filter_eps(hidden.dtype, v), num_m_blocks,
-            num_v_blocks, HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias,
-            WITH_ENTROPY_GRAD=with_eg, FILTER=grad_filter, COUNT_SKIPS=grad_filter and skipped_tiles is not None,
-            DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg)
+        args = (hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
+                entropy if with_eg else dummy, grad_entropy if with_eg else dummy,
+                dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+                skipped_tiles if skipped_tiles is not None else targets,
+                m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, filter_eps(hidden.dtype, v))
+        flags = dict(HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias,
+                     WITH_ENTROPY_GRAD=with_eg, FILTER=grad_filter,
+                     COUNT_SKIPS=grad_filter and skipped_tiles is not None, DOT_FP32=DOT_FP32,
+                     PRECISION=dot_precision(hidden.dtype))
+
+        cfgs = _configs(dev, hidden.dtype, with_eg)
+        _launch_first_that_fits(cfgs, (str(dev), hidden.dtype, with_eg), m, v, args, flags)
     if dh is not None and dh.dtype != hidden.dtype:
         dh = dh.to(hidden.dtype)
     return dh, dw, db

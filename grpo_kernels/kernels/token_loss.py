@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..loss_math import LossParts, TokenTerms, _gamma_weights
 from ..options import CLIPPED_LOSS_TYPES, LossOptions
-from ._common import cdiv, check_grid, prepare_row_vector
+from ._common import FP_FUSION, cdiv, check_grid, prepare_row_vector
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -201,7 +201,7 @@ def token_loss_grad(logp: torch.Tensor, terms: TokenTerms, opts: LossOptions, ne
         _f32(opts.epsilon_high), _f32(opts.beta), _f32(opts.sapo_temperature_pos), _f32(opts.sapo_temperature_neg),
         LOSS_KIND=kind, HAS_OLD=old is not None, HAS_REF=kl_on, HAS_RHO=rho is not None,
         BIAS_CORR=bool(opts.use_bias_correction_kl), HAS_DELTA=opts.delta is not None, NEED_GRAD=bool(need_grad),
-        BLOCK=BLOCK, num_warps=NUM_WARPS)
+        BLOCK=BLOCK, num_warps=NUM_WARPS, **FP_FUSION)
     sums = parts.sum(0)
     return LossParts(loss=sums[0], grad=grad, kl_sum=sums[1], clip_low=sums[2], clip_high=sums[3],
                      clip_region=sums[4])
