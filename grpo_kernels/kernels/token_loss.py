@@ -22,7 +22,7 @@ NUM_WARPS = 4
 NUM_PARTS = 5  # loss, kl, clip low, clip high, clip region
 
 # min / max that return NaN when either side is NaN, as torch.minimum and clamp do (Triton's default drops it).
-NAN: tl.constexpr = tl.PropagateNan.ALL
+NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 # LOSS_KIND values of the kernel.
 CLIPPED, CISPO, SAPO, VESPO = 0, 1, 2, 3
