@@ -167,6 +167,40 @@ def _tool(name: str) -> str | None:
 _TC = re.compile(r"\b(HGMMA|HMMA|UTC\w*MMA\w*|QGMMA|IMMA)\b")
 
 
+def _sass_usage(kernel) -> dict | None:
+    """Registers, static shared memory, spills and tensor-core opcodes of a compiled kernel from cuobjdump (one
+    call), remembered beside Triton's cache under the cubin's hash (a warm run then starts no process at all);
+    None without cuobjdump."""
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        return None
+    from triton import knobs
+
+    memo = os.path.join(knobs.cache.dir, "grpo_kernels_compile_check", f"{kernel.metadata.hash}.json")
+    try:
+        with open(memo) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", "-sass", f.name], capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    tc = sorted(set(_TC.findall(out)))
+    usage = dict(regs=int(fields.get("REG", 0)), static_smem=int(fields.get("SHARED", 0)),
+                 spill=max(int(fields.get("LOCAL", 0)), int(fields.get("STACK", 0))),
+                 tensor_cores="/".join(tc) if tc else "-")
+    try:
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        with open(memo + ".tmp", "w") as f:
+            json.dump(usage, f)
+        os.replace(memo + ".tmp", memo)
+    except OSError:
+        pass
+    return usage
+
+
 def compile_job(job: Job) -> Result:
     """Compile one job for its architecture and read its resources (never raises: errors land in the Result)."""
     import importlib
@@ -190,19 +224,12 @@ def compile_job(job: Job) -> Result:
         k = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", job.arch, 32),
                            options=opts)
         res.smem = int(k.metadata.shared)
-        cuobjdump = _tool("cuobjdump")
-        if cuobjdump:
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-                sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-            fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-            res.regs = int(fields.get("REG", 0))
-            res.smem += int(fields.get("SHARED", 0))  # static shared memory, beside Triton's dynamic
-            res.spill = max(int(fields.get("LOCAL", 0)), int(fields.get("STACK", 0)))
-            tc = sorted(set(_TC.findall(sass)))
-            res.tensor_cores = "/".join(tc) if tc else "-"
+        usage = _sass_usage(k)
+        if usage is not None:
+            res.regs = usage["regs"]
+            res.smem += usage["static_smem"]  # static shared memory, beside Triton's dynamic
+            res.spill = usage["spill"]
+            res.tensor_cores = usage["tensor_cores"]
     except Exception as exc:  # a compile that fails is a finding, not a crash of the check
         res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
     res.seconds = time.monotonic() - t0

@@ -86,17 +86,23 @@ METRIC_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GRAD_KEYS = ("hidden", "weight", "bias")
 
 
-def package_run(problem, fn=None, grad_output=1.0, **opts):
-    """Run the package on fresh leaf copies of the problem; returns (loss, metrics, grads dict)."""
-    import grpo_kernels as gk
-
-    fn = fn or gk.fused_linear_grpo_loss
+def leaf_copies(problem):
+    """(args, leaves): the problem with fresh leaf copies of hidden / weight / bias that require grad."""
     args = dict(problem)
     leaves = {}
     for k in GRAD_KEYS:
         if args.get(k) is not None:
             leaves[k] = args[k].detach().clone().requires_grad_(True)
             args[k] = leaves[k]
+    return args, leaves
+
+
+def package_run(problem, fn=None, grad_output=1.0, **opts):
+    """Run the package on fresh leaf copies of the problem; returns (loss, metrics, grads dict)."""
+    import grpo_kernels as gk
+
+    fn = fn or gk.fused_linear_grpo_loss
+    args, leaves = leaf_copies(problem)
     loss, metrics = fn(**args, **opts)
     assert loss.requires_grad, "loss has no grad_fn"
     (loss * grad_output).backward()

@@ -9,30 +9,18 @@ import pytest
 import torch
 
 import oracle
+from conftest import leaf_copies, package_run
 
 import grpo_kernels as gk
 
-GRAD_KEYS = ("hidden", "weight", "bias")
 CASES = [("chunked", "torch"), ("fused", "torch"), ("chunked", "triton"), ("fused", "triton")]
 
 
-def _leaves(problem):
-    args = dict(problem)
-    leaves = {}
-    for k in GRAD_KEYS:
-        if args.get(k) is not None:
-            leaves[k] = args[k].detach().clone().requires_grad_(True)
-            args[k] = leaves[k]
-    return args, leaves
-
-
 def _loss_run(problem, autocast: bool, **opts):
-    args, leaves = _leaves(problem)
     ctx = torch.autocast("cpu", torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     with ctx:  # the backward too: on the CPU it runs on this thread, inside the region
-        loss, metrics = gk.fused_linear_grpo_loss(**args, **opts)
-        loss.backward()
-    return [loss.detach(), *[m for m in metrics if m is not None], *[leaves[k].grad for k in leaves]]
+        loss, metrics, grads = package_run(problem, **opts)
+    return [loss, *[m for m in metrics if m is not None], *grads.values()]
 
 
 def _assert_same(got, want, label):
@@ -60,7 +48,7 @@ def test_fp16_deferred_gradients_under_autocast():
 
 
 def _logprobs_run(problem, autocast: bool, **opts):
-    args, leaves = _leaves({"hidden": problem["hidden"], "weight": problem["weight"], "bias": problem["bias"]})
+    args, leaves = leaf_copies({"hidden": problem["hidden"], "weight": problem["weight"], "bias": problem["bias"]})
     ctx = torch.autocast("cpu", torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     with ctx:
         logp, ent = gk.linear_logprobs(args["hidden"], args["weight"], problem["selected_token_ids"],

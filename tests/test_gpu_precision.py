@@ -30,25 +30,6 @@ def test_gemm_into_on_cuda(dtype):
     print("fp32-output GEMMs:", torch_ops.fp32_gemm("cuda", dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp32_output_gemm_fast_path_on_torch_2_8(dtype, recwarn):
-    """torch >= 2.8 has mm(out_dtype=fp32) and the in-place addmm(out_dtype=fp32, out=acc) on CUDA: the logits
-    and the dW accumulation take them (one cuBLAS call each), never the slice-wise upcast, and nothing warns."""
-    from grpo_kernels import torch_ops
-
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    if (major, minor) < (2, 8):
-        pytest.skip(f"torch {torch.__version__} < 2.8 has no out_dtype overloads")
-    cap = torch_ops.fp32_gemm("cuda", dtype)
-    assert cap.mm, f"torch {torch.__version__}: mm(out_dtype=fp32) probe failed for {dtype}"
-    assert cap.addmm, f"torch {torch.__version__}: in-place addmm(out_dtype=fp32) probe failed for {dtype}"
-    a = torch.randn(64, 128, device=DEV).to(dtype)
-    b = torch.randn(128, 96, device=DEV).to(dtype)
-    acc = torch.zeros(64, 96, device=DEV)
-    torch_ops.gemm_into(acc, a, b, accumulate=True)
-    torch_ops.gemm_into(torch.empty(64, 96, device=DEV), a, b)
-    assert not [w for w in recwarn.list if "grpo_kernels" in str(w.message)]
-
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_packed_dlogits_many_tiles_on_cuda(out_dtype):
