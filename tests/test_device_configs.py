@@ -97,3 +97,27 @@ def test_backward_raises_when_no_config_fits(monkeypatch):
     monkeypatch.setattr(fused_backward, "_launch", launch)
     with pytest.raises(OutOfResources):
         fused_backward.fused_linear_backward(*_case()[0])
+
+
+def test_every_launch_passes_enable_fp_fusion():
+    """Each Triton launch sets enable_fp_fusion (a compile option given as a launch keyword; Triton 3.6 and 3.9
+    both parse launch keywords as options): unset, Triton 3.9 warns at each first compile and a later Triton may
+    change the default, and with it the epilogues' rounding."""
+    import re
+    from pathlib import Path
+
+    from grpo_kernels.kernels import _common
+
+    assert _common.FP_FUSION == {"enable_fp_fusion": True}
+    folder = Path(_common.__file__).parent
+    launches = 0
+    for path in folder.glob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"\b_\w+_kernel\[[^\]]+\]\(", text):
+            depth, i = 1, m.end()
+            while depth:
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            assert "**FP_FUSION" in text[m.end():i], f"{path.name}: {text[m.start():m.end() + 60]}"
+            launches += 1
+    assert launches == 6  # chunk stats, chunk dlogits, fused stats, combine, fused backward, token loss
