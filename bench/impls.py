@@ -507,3 +507,26 @@ def extra_bytes_estimate(impl: Impl, case) -> int:
         # input-dtype cast of dlogits)
         return nv * (2 * s + 12) if case.mode == "loss" else nv * (s + 8)
     return 256 << 20
+
+
+def expected_buffer_bytes(impl: Impl, case, device: torch.device) -> int | None:
+    """The large buffer an implementation is known to allocate for `case`, printed beside its measured extra memory
+    so that a measurement far under it stands out: the fp32 [N x V] logits of an implementation that materializes
+    them; for our chunked strategy (and auto, which picks it on the CPU) the fp32 [chunk x V] buffer, plus the
+    fp32 [V x H] dW accumulator when N rows take more than one chunk. Computed for all N rows (padding and
+    zero-advantage rows that never reach a GEMM make the real buffer smaller). None where no single buffer is
+    known."""
+    from grpo_kernels import sizing
+
+    from .shapes import DTYPES
+
+    if impl.materializes_logits:
+        return case.tokens * case.vocab * 4
+    if impl.name == "ours-chunked" or (impl.name == "ours-auto" and device.type == "cpu"):
+        dtype = DTYPES[case.dtype]
+        # rows as the API sizes them (the torch backend, the CPU's, budgets its epilogue's temporaries too)
+        rows = sizing.default_chunk_size(case.tokens, case.vocab, case.hidden, dtype, device,
+                                         torch_epilogue=device.type != "cuda")
+        acc = sizing.accumulator_bytes(case.vocab, case.hidden, dtype, True) if rows < case.tokens else 0
+        return rows * sizing.chunk_row_bytes(case.vocab, dtype, False) + acc
+    return None

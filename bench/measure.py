@@ -3,11 +3,14 @@
 Runs inside a worker (its own process, so CPU peak RSS belongs to one implementation) or in-process.
 GPU: CUDA events around each call, L2 flushed between calls, torch.cuda.max_memory_allocated above what was
 allocated before the call. CPU: time.perf_counter, and the peak RSS above the RSS before the call, read from
-/proc/self/status after resetting the high-water mark (falls back to ru_maxrss in a fresh process).
+/proc/self/status after resetting the high-water mark, with glibc's mmap threshold pinned at 64 KiB during the
+call so that every buffer the call allocates counts (falls back to ru_maxrss in a fresh process).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import math
 import os
@@ -21,7 +24,7 @@ from typing import Callable
 import torch
 
 from . import shapes
-from .impls import REGISTRY, Impl, extra_bytes_estimate
+from .impls import REGISTRY, Impl, expected_buffer_bytes, extra_bytes_estimate
 
 # Relative-norm tolerances against the float64 reference. fp32 on the GPU: Triton's fp32 tl.dot uses TF32
 # (~3e-4), so 1e-3 there; plain fp32 arithmetic lands far under 1e-4.
@@ -67,6 +70,34 @@ def _ru_maxrss_bytes() -> int:
     return r if platform.system() == "Darwin" else r * 1024
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+MMAP_THRESHOLD_BYTES = 64 << 10
+
+
+@contextlib.contextmanager
+def every_allocation_mapped():
+    """During the memory call, glibc gives every allocation of 64 KiB or more its own mapping, so that RSS rises
+    by each buffer the call touches and falls when it is freed: peak RSS minus RSS before then counts every such
+    byte allocated during the call. Outside it, glibc's dynamic threshold keeps freed buffers up to 32 MiB in its
+    heap, where a buffer that reuses freed pages adds nothing to RSS (the chunked strategy's 32 MiB fp32 buffer
+    once measured as 0 MiB). Afterwards the threshold is set to 32 MiB and the trim threshold to 64 MiB, where
+    glibc's dynamic rule leaves them once buffers that large have been freed, so that timing runs as before.
+    Yields False (nothing changed) without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield False
+        return
+    trim(0)  # hand freed heap pages back first: the baseline RSS holds only live memory
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    try:
+        yield True
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
 def peak_extra_bytes(run: Callable[[], None], device: torch.device) -> tuple[int | None, str, float]:
     """Peak memory of one `run()` above what was in use just before it, how it was measured, and the call's
     wall time in ms (on CPU it doubles as a timed rep: reading /proc costs microseconds)."""
@@ -80,13 +111,15 @@ def peak_extra_bytes(run: Callable[[], None], device: torch.device) -> tuple[int
         torch.cuda.synchronize(device)
         ms = (time.perf_counter() - t0) * 1e3
         return torch.cuda.max_memory_allocated(device) - base, "cuda.max_memory_allocated", ms
-    if reset_peak_rss():
-        base = _proc_status_kib("VmRSS")
-        t0 = time.perf_counter()
-        run()
-        ms = (time.perf_counter() - t0) * 1e3
-        peak = _proc_status_kib("VmHWM")
-        return (peak - base) * 1024, "VmHWM-VmRSS (peak RSS reset per case)", ms
+    with every_allocation_mapped() as mapped:
+        if reset_peak_rss():
+            base = _proc_status_kib("VmRSS")
+            t0 = time.perf_counter()
+            run()
+            ms = (time.perf_counter() - t0) * 1e3
+            peak = _proc_status_kib("VmHWM")
+            how = "VmHWM-VmRSS (peak RSS reset per case" + (", glibc mmap threshold 64 KiB)" if mapped else ")")
+            return (peak - base) * 1024, how, ms
     # fresh process per case: ru_maxrss so far is the baseline (inputs built, warm-up not yet run)
     base = _ru_maxrss_bytes()
     t0 = time.perf_counter()
@@ -325,9 +358,10 @@ def bench_case(impl: Impl, case: shapes.Case, opts: dict, device: torch.device, 
         mem_ms = None
         if timing.get("memory", True):
             rec["extra_bytes"], rec["memory_method"], mem_ms = peak_extra_bytes(run, device)
+            rec["expected_bytes"] = expected_buffer_bytes(impl, case, device)
         rec["time"] = time_fn(
             run, device, timing["budget_s"], timing["min_reps"], timing["max_reps"], timing["warmup"],
-            first_ms=mem_ms if device.type == "cpu" and not timing["warmup"] else None,
+            first_ms=None,  # the memory call ran with every buffer freshly mapped (page faults): not a timed rep
         )  # fmt: skip
         rec["status"] = "ok"
     except Exception as exc:  # one failing shape must not stop the sweep

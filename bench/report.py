@@ -188,6 +188,7 @@ COLUMNS = [
     "speed vs torch",
     "speed vs trl",
     "extra MiB",
+    "expected MiB",
     "mem vs torch",
     "TFLOP/s",
     "% GEMM",
@@ -222,6 +223,7 @@ def table_rows(res: dict) -> dict[tuple, tuple[list[list[str]], list[str]]]:
                 _f(r.get("speedup_vs_torch"), "{:.2f}x"),
                 _f(r.get("speedup_vs_trl"), "{:.2f}x"),
                 _f(None if r.get("extra_bytes") is None else r["extra_bytes"] / MiB, "{:.1f}"),
+                _f(None if r.get("expected_bytes") is None else r["expected_bytes"] / MiB, "{:.1f}"),
                 _f(None if r.get("mem_vs_torch") is None else 100 * r["mem_vs_torch"], "{:.1f}%"),
                 _f(rl.get("tflops"), "{:.3f}"),
                 _f(rl.get("pct_gemm"), "{:.1f}"),
@@ -230,7 +232,7 @@ def table_rows(res: dict) -> dict[tuple, tuple[list[list[str]], list[str]]]:
                 "",
             ]
         else:
-            cells = ["-"] * 9 + [_check_err(r), reason[:160]]
+            cells = ["-"] * 10 + [_check_err(r), reason[:160]]
         rows.append([r["impl"], str(c["tokens"]), status if status == "ok" else status.upper(), *cells])
     return groups
 

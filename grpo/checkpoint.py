@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .permissions import honour_umask
+
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 _CKPT_RE = re.compile(rf"^{PREFIX}(\d+)$")
@@ -141,6 +143,7 @@ def save(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_
             model.save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         _write_run_state(tmp, tokenizer, scheduler, trainer_state, rng_states, rollout_buffer)
+        honour_umask(tmp)  # mkdtemp made it 0700 and safetensors its weights 0600
         _publish(tmp, final)
     finally:
         if bars:
@@ -251,6 +254,7 @@ def save_sharded(output_dir, step: int, model, tokenizer, optimizer, scheduler, 
             else:
                 model.config.save_pretrained(tmp)  # what the model is; its weights are in dcp/
             _write_run_state(tmp, tokenizer, scheduler, trainer_state, rng_states, rollout_buffer)
+            honour_umask(tmp)  # every rank's shards are in place: dcp.save returned on all ranks
             _publish(tmp, final)
             prune(root, save_total_limit)
         ok = True

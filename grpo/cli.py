@@ -33,8 +33,10 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .config import PRESET_RUNS, PRESETS, GRPOConfig
+from .errors import RewardFunctionError, UserError
 from .logger import format_seconds
 from .model_config import ModelConfig
+from .threads import set_num_threads
 
 USAGE = __doc__
 
@@ -86,10 +88,21 @@ class RunOptions:
         "help": "torch CPU threads; None = the cores not busy with other processes (see the start-up line)"})
     config: str | None = field(default=None, metadata={
         "help": "YAML file of flag values (also accepted as the first positional argument)"})
+    debug: bool = field(default=False, metadata={
+        "help": "show the Python traceback of a user error (a missing file, a bad flag) instead of one line"})
 
 
 # One dataclass per group of flags; adding one (e.g. a LoRA ModelConfig) is one entry here.
 ARG_DATACLASSES = (GRPOConfig, RunOptions, ModelConfig)
+
+# The flags `grpo eval` reads (model, data, rewards, sampling, evaluation size, threads); the others, the
+# optimizer's included, are not flags of eval. A YAML file may still hold them (one file serves train and eval).
+EVAL_FLAGS = frozenset({
+    "model", "dataset", "eval_dataset", "reward_funcs", "reward_weights", "instruction", "system_prompt", "preset",
+    "config", "num_threads", "debug", "eval_max_samples", "eval_temperature", "max_prompt_length",
+    "max_completion_length", "top_p", "top_k", "min_p", "repetition_penalty",
+    "generation_batch_size", "attn_implementation", "seed",
+})
 
 _DESCRIPTIONS = {
     "train": "GRPO-train a causal LM. Without arguments: the default run (SmolLM2-135M-Instruct on arithmetic "
@@ -155,10 +168,10 @@ class ArgumentParser(HfArgumentParser):
     name the flag and suggest the closest one, and no prefix matching (`--learn` is an error, not learning_rate)."""
 
     def __init__(self, command: str, dataclass_types=ARG_DATACLASSES):
+        self.command = command  # read by _add_dataclass_arguments, which the base __init__ calls
         super().__init__(dataclass_types, prog=f"grpo {command}",
                          usage=f"grpo {command} [CONFIG.yaml] [--flag value ...]", description=_DESCRIPTIONS.get(command), epilog=_EPILOG, allow_abbrev=False,
                          formatter_class=_HelpFormatter)
-        self.command = command
         self.add_argument("config", nargs="?", default=argparse.SUPPRESS, metavar="CONFIG.yaml",
                           help="YAML file of flag values (the same as --config)")
 
@@ -167,6 +180,11 @@ class ArgumentParser(HfArgumentParser):
         hints = typing.get_type_hints(dtype)
         for f in dataclasses.fields(dtype):
             if not f.init:
+                continue
+            if self.command == "eval" and f.name not in EVAL_FLAGS:  # not a flag: its preset / YAML value stays
+                factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+                self.set_defaults(**{f.name: factory() if factory else
+                                     (f.default if f.default is not dataclasses.MISSING else None)})
                 continue
             annotation = hints[f.name]
             kinds = set(typing.get_args(annotation)) or {annotation}
@@ -182,13 +200,16 @@ class ArgumentParser(HfArgumentParser):
         unknown = re.search(r"unrecognized arguments: (.*)", message)
         if unknown:
             message = self._unknown(unknown.group(1).split())
-        raise SystemExit(f"{self.prog}: {message}\n(`{self.prog} --help` lists every flag)")
+        raise SystemExit(f"{self.prog}: {message}; `{self.prog} --help` lists every flag")
 
     def _unknown(self, leftovers: list[str]) -> str:
         flags = [t for t in leftovers if t.startswith("-")]
         if not flags:
             return f"expected at most one CONFIG.yaml, got extra arguments {leftovers}"
         name = flags[0].lstrip("-").partition("=")[0].replace("-", "_")
+        training_flags = GRPOConfig.field_names() + [f.name for f in dataclasses.fields(RunOptions)]
+        if self.command == "eval" and name in training_flags:
+            return f"{flags[0].partition('=')[0]} is a training flag; grpo eval does not use it"
         return f"unknown flag {flags[0].partition('=')[0]}{_closest(name, self.dests())}"
 
     def dests(self) -> list[str]:
@@ -216,7 +237,13 @@ def _load_yaml(path: str, known: list[str]) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"grpo: config file {path} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SystemExit(f"grpo: {where}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise SystemExit(f"grpo: {path} must hold a mapping of flag names to values, got {type(data).__name__}")
     env = data.pop("env", None) or {}
@@ -238,7 +265,8 @@ def parse_args(argv: list[str], command: str = "train", extra_defaults: dict | N
     first, leftovers = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     if leftovers:  # before reading a file: `--lerning_rate 1` must not take "1" for the CONFIG.yaml
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
-    from_yaml = _load_yaml(first.config, parser.dests()) if first.config else {}
+    yaml_keys = parser.dests() if command != "eval" else ArgumentParser("train", dataclass_types).dests()
+    from_yaml = _load_yaml(first.config, yaml_keys) if first.config else {}
     preset = first.preset if "preset" in parser.given(argv) else from_yaml.get("preset", "default")
     if preset not in PRESETS:
         close = difflib.get_close_matches(str(preset), PRESETS, n=1)
@@ -269,29 +297,123 @@ def build_run(argv: list[str], command: str = "train", extra_defaults: dict | No
 # ----------------------------------------------------------------------------------------------------------------
 # Data and rewards for a run
 # ----------------------------------------------------------------------------------------------------------------
-def load_rows(spec: str, split: str, config: GRPOConfig, instruction: str | None = None) -> list[dict]:
+def load_rows(spec: str, split: str, config: GRPOConfig, instruction: str | None = None,
+              flag: str = "--dataset") -> list[dict]:
+    """Prompt rows of `spec`; a mistake in the data (a missing file, a row without a prompt) is a UserError that
+    names `flag`."""
     from . import data
 
     if spec in CLI_DATASETS:
         return CLI_DATASETS[spec](64 if split == "train" else 16)
-    rows = data.load_dataset(spec, split)
-    if "prompt" not in rows[0] or config.system_prompt:
-        rows = data.to_prompt_rows(rows, system_prompt=config.system_prompt, conversational=True,
-                                   instruction=instruction)
+    try:
+        rows = data.load_dataset(spec, split)
+        if "prompt" not in rows[0] or config.system_prompt:
+            rows = data.to_prompt_rows(rows, system_prompt=config.system_prompt, conversational=True,
+                                       instruction=instruction)
+        missing = next((i for i, row in enumerate(rows) if "prompt" not in row), None)
+        if missing is not None:
+            raise ValueError(f"row {missing + 1} has no 'prompt' column (its columns: {sorted(rows[missing])}); "
+                             "give every row a prompt, or question + answer columns")
+    except (FileNotFoundError, ValueError) as e:  # the data module's messages say what is wrong, and where
+        if isinstance(e, FileNotFoundError) and not os.path.exists(os.path.expanduser(spec)):
+            raise UserError(f"{flag} {spec}: no such file or folder (give a .jsonl, .json, .csv or .parquet file, "
+                            "a folder of them, or 'arithmetic')") from e
+        raise UserError(f"{flag} {spec}: {e}") from e
     return rows
+
+
+def holds_split(spec: str, split: str) -> bool:
+    """Whether `spec` has its own `split` (the bundled problems, a folder with such files, a JSON dict of splits,
+    a Hub dataset); a single .jsonl/.csv/.parquet file or JSON list is one set of rows and has none."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        return True
+    if path.suffix.lower() != ".json":
+        return False
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and isinstance(content.get(split), list)
 
 
 def eval_rows_for(run: dict, config: GRPOConfig) -> list[dict] | None:
     spec = run.get("eval_dataset") or run.get("dataset")
     if not spec:
         return None
+    if run.get("eval_dataset"):
+        return load_rows(spec, "test", config, run.get("instruction"), flag="--eval_dataset")
     try:
         return load_rows(spec, "test", config, run.get("instruction"))
-    except (FileNotFoundError, ValueError) as e:
-        if run.get("eval_dataset"):
-            raise
+    except UserError as e:
         print(f"[grpo] no held-out split for {spec!r} ({e}); skipping evaluation", flush=True)
         return None
+
+
+EVAL_HOLDOUT_FRACTION = 0.1  # of a single data file's rows, at most eval_max_samples (48 without it)
+
+
+def hold_out(train_rows: list[dict], spec: str, config: GRPOConfig) -> tuple[list[dict], list[dict] | None, str]:
+    """A single data file without --eval_dataset: a fixed seeded slice of its rows becomes the held-out set and
+    leaves training (never evaluate on training rows). Returns (train rows, held-out rows or None, the line to
+    print)."""
+    from . import data
+
+    k = min(config.eval_max_samples or 48, int(len(train_rows) * EVAL_HOLDOUT_FRACTION))
+    if k < 1:
+        return train_rows, None, (f"[grpo] {spec} has {len(train_rows)} rows and no held-out split: skipping "
+                                  "evaluation (pass --eval_dataset, or give it 10 rows or more)")
+    train, held = data.split_train_eval(train_rows, k, seed=config.seed)
+    return train, held, (f"[grpo] {spec} has no held-out split: holding out {k} of its {len(train_rows)} rows "
+                         f"(seed {config.seed}) for evaluation and training on the other {len(train)} "
+                         "(--eval_dataset to choose them)")
+
+
+def check_output_dir(path: str) -> None:
+    """Refuse an output folder that cannot be created or written, before anything slow starts."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"--output_dir {path}: cannot write there ({e.strerror or e}); choose a folder you can "
+                        "write to") from e
+
+
+def check_run(run: dict, config: GRPOConfig, command: str = "train") -> None:
+    """The cheap checks of a run's flags, before any model loads: the model exists, the reward names are known,
+    the output folder is writable, a checkpoint to resume exists."""
+    from . import checkpoint, model as model_lib, scoring
+
+    model = run.get("model") or model_lib.SMOLLM2
+    try:
+        model_lib.model_kind(str(model))
+    except FileNotFoundError as e:
+        raise UserError(f"--model: {e}") from e
+    for name in run.get("reward_funcs") or []:
+        if isinstance(name, str) and name not in CLI_REWARDS and name not in scoring.REWARD_FUNCS \
+                and "/" not in name and not os.path.exists(os.path.expanduser(name)):
+            known = sorted({*CLI_REWARDS, *scoring.REWARD_FUNCS})
+            raise UserError(f"--reward_funcs: unknown reward function {name!r}{_closest_value(name, known)}; "
+                            f"known: {', '.join(known)}, or a reward-model folder")
+    if command != "train":
+        return
+    check_output_dir(config.output_dir)
+    spec = run.get("resume_from_checkpoint")
+    if spec:
+        try:
+            checkpoint.resolve_checkpoint(spec, config.output_dir)
+        except FileNotFoundError as e:
+            hint = ("start without --resume_from_checkpoint, or pass the --output_dir of the run to continue"
+                    if str(spec) == "latest" else "pass a checkpoint-N folder, or 'latest'")
+            raise UserError(f"--resume_from_checkpoint {spec}: {e}; {hint}") from e
+
+
+def _closest_value(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def reward_funcs_for(run: dict) -> list:
@@ -307,9 +429,17 @@ def cmd_train(argv: list[str]) -> dict:
 
     start = time.perf_counter()
     config, run = build_run(argv)
+    check_run(run, config)
     threads = set_num_threads(run.get("num_threads"))
-    train_rows = load_rows(run.get("dataset") or "arithmetic", "train", config, run.get("instruction"))
-    eval_rows = None if run["no_eval"] else eval_rows_for(run, config)
+    dataset = run.get("dataset") or "arithmetic"
+    train_rows = load_rows(dataset, "train", config, run.get("instruction"))
+    if run["no_eval"]:
+        eval_rows = None
+    elif not run.get("eval_dataset") and not holds_split(dataset, "test"):
+        train_rows, eval_rows, notice = hold_out(train_rows, dataset, config)
+        print(notice, flush=True)
+    else:
+        eval_rows = eval_rows_for(run, config)
     from .model_config import get_peft_config
 
     trainer = GRPOTrainer(run.get("model") or "smollm2-135m-instruct", reward_funcs_for(run), args=config,
@@ -359,30 +489,6 @@ def cmd_train(argv: list[str]) -> dict:
     return results
 
 
-def set_num_threads(requested: int | None = None) -> str:
-    """Pick torch's CPU thread count and say why (printed at start).
-
-    torch starts one intra-op thread per core it may use. On a machine where other processes keep cores busy, its
-    threads wait for each other at every parallel region (measured on the 2-core machine at load average 9: a
-    512x512 fp32 matmul took 4x longer with 2 threads than with 1). Default: the cores this process may use, minus
-    the 1-minute load average from other processes (at least 1), split over the processes of a torchrun node.
-    OMP_NUM_THREADS, when set, or --num_threads wins."""
-    import torch
-
-    if requested:
-        torch.set_num_threads(requested)
-        return f"torch threads: {torch.get_num_threads()} (--num_threads)"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    n = max(1, min(torch.get_num_threads(), round(cores - load) // per_node))
-    torch.set_num_threads(n)
-    return (f"torch threads: {n} ({cores} cores available, 1-minute load average {load:.1f}"
-            + (f", {per_node} processes on this node" if per_node > 1 else "") + "; --num_threads N to override)")
-
-
 def cmd_eval(argv: list[str]) -> dict:
     from . import distributed, model as model_lib, scoring
     from .evaluate import evaluate
@@ -394,6 +500,7 @@ def cmd_eval(argv: list[str]) -> dict:
         keep = {k: base[k] for k in ("max_completion_length", "max_prompt_length", "system_prompt", "reward_weights",
                                      "eval_temperature", "eval_max_samples") if k in base}
         config, run = build_run(argv, "eval", extra_defaults=keep)
+    check_run(run, config, "eval")
     rows = eval_rows_for({**run, "eval_dataset": run.get("eval_dataset") or run.get("dataset") or "arithmetic"},
                          config)
     info = distributed.init_distributed()
@@ -433,10 +540,34 @@ def _eval_line(m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A UserError (a missing file, a bad flag) prints one line and exits with status 1; other
+    exceptions are bugs and keep their traceback. `--debug` shows the traceback of a UserError too."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    try:
+        return _run_command(argv)
+    except UserError as e:
+        if _debug_asked(argv):
+            raise
+        why = " (--debug shows the traceback)" if isinstance(e, RewardFunctionError) else ""  # the user's code
+        raise SystemExit("grpo: " + " ".join(str(e).splitlines()) + why) from None
+
+
+def _debug_asked(argv: list[str]) -> bool:
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name != "--debug":
+            continue
+        if eq:
+            return value.lower() in ("true", "1", "yes")
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        return following.lower() not in ("false", "0", "no")
+    return False
+
+
+def _run_command(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         cmd_train(rest)

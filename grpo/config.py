@@ -27,7 +27,7 @@ left-truncated; TRL 1.16 never truncates prompts, ``None`` does the same here), 
 ``warmup_steps``), ``eval_max_samples``, ``eval_temperature``, ``disable_progress_bar`` (transformers:
 ``disable_tqdm``), ``kernel_backend``, ``kernel_strategy``, ``kernel_chunk_size``.
 
-Behaviour that differs from TRL 1.16 with equal settings (README, "Trainer defaults and TRL 1.16"): position ids
+Behaviour that differs from TRL 1.16 with equal settings (docs/trainer.md, "Defaults and TRL 1.16"): position ids
 count from the first real token of a left-padded row, as ``generate`` does (TRL passes none when it scores
 completions: the same for RoPE models, different for absolute position embeddings); a completion is truncated
 when it does not end in an EOS token (TRL also counts a trailing pad token as a terminator when pad ≠ EOS).

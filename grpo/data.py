@@ -63,12 +63,12 @@ def load_dataset(spec: str, split: str = "train") -> list[dict]:
     return _check_rows(_load_hf(spec, split), spec)
 
 
-def _check_rows(rows, spec) -> list[dict]:
+def _check_rows(rows, spec) -> list[dict]:  # row numbers in messages count from 1, as a file's lines
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"dataset {spec!r} is empty")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"dataset {spec!r}: row {i} is a {type(row).__name__}, expected an object (dict)")
+            raise ValueError(f"dataset {spec!r}: row {i + 1} is a {type(row).__name__}, expected an object (dict)")
     return rows
 
 
@@ -280,7 +280,7 @@ def to_prompt_rows(
             if isinstance(prompt, list):
                 if not conversational:
                     raise ValueError(
-                        f"row {i}: the prompt is a chat message list, but conversational=False; use "
+                        f"row {i + 1}: the prompt is a chat message list, but conversational=False; use "
                         "conversational=True (the chat template renders it) or give plain-string prompts"
                     )
                 messages = list(prompt)
@@ -292,7 +292,7 @@ def to_prompt_rows(
         else:
             text = row.get("question") if fmt == "gsm8k" else row.get("problem", row.get("question"))
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"row {i}: empty or missing question text ({sorted(row)})")
+                raise ValueError(f"row {i + 1}: empty or missing question text ({sorted(row)})")
         content = f"{text.strip()}\n\n{instruction}" if instruction else text
         if conversational:
             messages = [{"role": "system", "content": system_prompt}] if system_prompt else []

@@ -45,6 +45,21 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+MIN_BAR_COLUMNS = 40  # narrower than this, tqdm's bar with its phase and ETA cannot be read
+
+
+def bar_drawable(stream) -> bool:
+    """Whether a live bar can be drawn on `stream`: a terminal that reports a usable width. A `script` capture and
+    some CI logs are TTYs of width 0, where tqdm draws nothing; they get the per-step lines instead."""
+    try:
+        if not stream.isatty():
+            return False
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # no fileno (a wrapped stream), or not a real terminal
+        return False
+    return columns >= MIN_BAR_COLUMNS
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str, *, enabled: bool, report_to=None, total_steps: int = 0,
                  disable_progress_bar: bool = False, log_completions: bool = False,
@@ -59,7 +74,7 @@ class MetricsLogger:
         self.bar = None
         self.tb = None
         self.total_steps = total_steps
-        self.use_bar = enabled and not disable_progress_bar and sys.stderr.isatty()
+        self.use_bar = enabled and not disable_progress_bar and bar_drawable(sys.stderr)
         self._phase: tuple[str, int] | None = None
         self.t0 = time.perf_counter()  # reset by start()
         self.start_step = 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .permissions import honour_umask
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -141,4 +143,6 @@ def export_merged(checkpoint_dir, output_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    for weights in out.glob("*.safetensors"):  # safetensors writes 0600; the rest of `out` may not be ours
+        honour_umask(weights)
     return out

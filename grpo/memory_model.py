@@ -1,8 +1,8 @@
 """The trainer's GPU memory, written down: bytes per parameter and per token for one GPU, DDP, FSDP2 and LoRA.
 
-`python -m grpo.memory_model` prints the README's table. These are estimates from the formulas below (what each
-mode keeps resident, in this trainer), not measurements; the largest tensors are exact, activations are an
-approximation (see ACT_* below).
+`python -m grpo.memory_model` prints the table in docs/scaling.md ("Memory model"). These are estimates from the
+formulas below (what each mode keeps resident, in this trainer), not measurements; the largest tensors are exact,
+activations are an approximation (see ACT_* below).
 
 Per GPU, W GPUs, P parameters, a model with L layers of p_layer parameters, hidden H, MLP width I, vocab V,
 N tokens per micro-batch:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .permissions import honour_umask
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
 # Other spellings accepted for the same two built-ins (a hub id is only an alias here: nothing is downloaded).
@@ -60,6 +62,7 @@ def _atomic_save(model, tokenizer, target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        honour_umask(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process cached it first (target exists and is non-empty)
@@ -158,23 +161,39 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def resolve_model_dir(name_or_path: str) -> Path | None:
-    """The local folder that `load_model` would read for `name_or_path`, or None for "tiny"."""
+def model_kind(name_or_path: str) -> str:
+    """What `name_or_path` names, checked without loading anything: "tiny", "smollm2" (its GGUF file is
+    installed), "gguf" (a .gguf file) or "folder" (a save_pretrained / checkpoint / LoRA adapter folder).
+    FileNotFoundError says what was expected otherwise."""
     path = Path(name_or_path).expanduser()
     builtin = None if path.exists() else _ALIASES.get(name_or_path.lower(), name_or_path.lower())
     if builtin == TINY:
-        return None
+        return "tiny"
     if builtin == SMOLLM2:
-        return cached_gguf_dir(smollm2_gguf_path(), SMOLLM2)
+        smollm2_gguf_path()
+        return "smollm2"
     if path.is_file() and path.suffix == ".gguf":
-        return cached_gguf_dir(path)
+        return "gguf"
     if path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-        return path
+        return "folder"
+    what = "does not exist" if not path.exists() else "is not a model"
     raise FileNotFoundError(
-        f"model {name_or_path!r}: expected {SMOLLM2!r}, {TINY!r}, a local model folder with config.json "
+        f"model {name_or_path!r} {what}: expected {SMOLLM2!r}, {TINY!r}, a local model folder with config.json "
         "(a save_pretrained output or a grpo checkpoint-N folder), a LoRA adapter folder (adapter_config.json) "
         "or a .gguf file; hub downloads are not used"
     )
+
+
+def resolve_model_dir(name_or_path: str) -> Path | None:
+    """The local folder that `load_model` would read for `name_or_path`, or None for "tiny"."""
+    kind = model_kind(name_or_path)
+    if kind == "tiny":
+        return None
+    if kind == "smollm2":
+        return cached_gguf_dir(smollm2_gguf_path(), SMOLLM2)
+    if kind == "gguf":
+        return cached_gguf_dir(Path(name_or_path).expanduser())
+    return Path(name_or_path).expanduser()
 
 
 def load_model(

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import RewardFunctionError
 from .rewards import REWARD_FUNCS
 
 _NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # TRL passes these separately, never as columns
@@ -244,7 +245,7 @@ def score_completions(
             try:
                 result = fn(**call)
             except Exception as e:
-                raise RuntimeError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+                raise RewardFunctionError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
             if inspect.isawaitable(result):
                 pending.append((j, name, result))
             else:
@@ -259,7 +260,7 @@ def score_completions(
         results = _run_concurrently([aw for _, _, aw in pending])
         for (j, name, _), result in zip(pending, results):
             if isinstance(result, BaseException):
-                raise RuntimeError(f"reward function {name!r} raised {type(result).__name__}: {result}") from result
+                raise RewardFunctionError(f"reward function {name!r} raised {type(result).__name__}: {result}") from result
             out[:, j] = _check_rewards(result, n, name)
 
     total = (out * weights.unsqueeze(0)).nansum(dim=1)

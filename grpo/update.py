@@ -14,9 +14,12 @@ After all-reducing (averaging) gradients across ranks, the accumulated gradient 
 
 Zero-signal micro-batches: when beta and entropy_coef are 0 and every completion has advantage 0 (all rewards of
 its group equal) or no unmasked token, every per-token loss is exactly 0, so the gradient is exactly 0. Such a micro-batch skips
-the backward (its forward runs under no_grad, only for the logged entropy) and gets zero gradients, which is what
-the backward would have produced: AdamW, gradient clipping and the ranks' gradient all-reduce see the same
-tensors as before, and the RNG stream is unchanged (dropout draws in the forward only).
+its forward and backward (the forward once ran for the logged entropy alone: about 4 s a step of the default run
+on the CPU) and gets zero gradients, which is what the backward would have produced: AdamW, gradient clipping and
+the ranks' gradient all-reduce see the same tensors as before. Its clip ratios are 0 without a forward (every clip
+flag needs A != 0); its entropy is not measured, so a step's logged entropy averages the micro-batches with signal.
+Dropout draws nothing for a skipped micro-batch, so with dropout on the RNG stream differs from a run without
+skipping (the models here train with dropout 0).
 """
 
 from __future__ import annotations
@@ -221,21 +224,20 @@ def micro_step(model, loss_fn, mb, args, world_size: int, skip_zero_signal: bool
     `run(fn, *args)` calls `fn(model, *args)` inside a wrapper's forward (FSDP2's root, see fsdp.py), so that
     the backward starts from what that forward returned. Metrics come back as sums and counts so that the caller
     can form TRL's global masked means across ranks. `zero_signal_ratio` counts the micro-batches that skipped the
-    backward (skip_zero_signal and no signal; FSDP turns it off: its backward holds collectives every rank joins)."""
-    skip = skip_zero_signal and not has_signal(mb, args)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not skip):
-        if run is None:
-            loss, policy_loss, metrics = micro_loss(model, loss_fn, mb, args, world_size)
-        else:
-            loss, policy_loss, metrics = run(micro_loss, loss_fn, mb, args, world_size)
-    if skip:
-        _zero_missing_grads(model)
-    else:
-        loss.backward()
-
+    forward and backward (skip_zero_signal and no signal; FSDP turns it off: its backward holds collectives every
+    rank joins)."""
     tokens = float(mb.completion_mask.sum())
     # Sequence-level ratios are one per sequence: TRL averages their clip flags over sequences.
     clip_count = float(len(mb)) if args.importance_sampling_level == "sequence" else tokens
+    if skip_zero_signal and not has_signal(mb, args):
+        _zero_missing_grads(model)
+        return 0.0, zero_signal_sums(args, clip_count)
+    if run is None:
+        loss, policy_loss, metrics = micro_loss(model, loss_fn, mb, args, world_size)
+    else:
+        loss, policy_loss, metrics = run(micro_loss, loss_fn, mb, args, world_size)
+    loss.backward()
+
     sums = {"entropy": (float(metrics.entropy) * tokens, tokens)}
     if args.beta != 0.0:
         sums["kl"] = (float(metrics.kl) * tokens, tokens)
@@ -251,8 +253,22 @@ def micro_step(model, loss_fn, mb, args, world_size: int, skip_zero_signal: bool
             policy_loss *= args.gradient_accumulation_steps
         sums["policy_loss"] = (policy_loss, 1.0)
         sums["entropy_coef"] = (args.entropy_coef, 1.0)
-    sums["zero_signal_ratio"] = (float(skip), 1.0)
+    sums["zero_signal_ratio"] = (0.0, 1.0)
     return float(loss.detach()), sums
+
+
+def zero_signal_sums(args, clip_count: float) -> dict[str, tuple[float, float]]:
+    """The metric sums of a micro-batch without signal, known without a forward pass: the same names as
+    micro_step's (ranks reduce them together); every clip flag needs A != 0, so the clip ratios count 0 over
+    `clip_count`; the entropy has no tokens here (count 0), so the logged entropy is the mean over the
+    micro-batches with signal (None for a step without any)."""
+    sums = {"entropy": (0.0, 0.0)}
+    if args.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        sums.update({name: (0.0, clip_count) for name in CLIP_METRICS})
+    elif args.loss_type == "cispo":
+        sums["cispo_clip_ratio"] = (0.0, clip_count)
+    sums["zero_signal_ratio"] = (1.0, 1.0)
+    return sums
 
 
 def _zero_missing_grads(model) -> None:

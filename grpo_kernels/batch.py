@@ -1,8 +1,8 @@
 """Input checks and the compaction plan: which tokens reach a GEMM, with what weight, in which chunk.
 
-Checks run on the host before any kernel. Host-device syncs (README, "How it works"): building a plan costs
-exactly one (`_to_host`: the per-sequence counts of active tokens, with the target-range check folded in);
-`check_targets` without a plan costs one when validating; nothing else here syncs.
+Checks run on the host before any kernel. Host-device syncs (docs/design.md, "Skipping and host syncs"): building
+a plan costs exactly one (`_to_host`: the per-sequence counts of active tokens, with the target-range check folded
+in); `check_targets` without a plan costs one when validating; nothing else here syncs.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ class Plan:
 
 def token_weights(mask: Tensor, seq_len: Tensor, opts: LossOptions,
                   num_items: Optional[Union[float, Tensor]]) -> Tensor:
-    """w_t of L = sum_t w_t l_t for each loss type (DESIGN.md, "Aggregation"). mask is [B, T] float."""
+    """w_t of L = sum_t w_t l_t for each loss type (docs/design.md, "Aggregation"). mask is [B, T] float."""
     B = max(mask.shape[0], 1)
     lt = opts.loss_type
     if lt in ("grpo", "sapo"):

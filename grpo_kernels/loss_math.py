@@ -1,8 +1,8 @@
 """GRPO loss and its derivative with respect to the log-prob, on compacted tokens, in closed form.
 
 The strategies call this between the logits pass (which gives logp_t) and the gradient pass (which needs
-g_t = dL/dlogp_t). Everything here is O(tokens), never O(tokens x vocab). The formulas are DESIGN.md's; the
-tests check them against `reference.py` (TRL's code shape, autograd) in float64.
+g_t = dL/dlogp_t). Everything here is O(tokens), never O(tokens x vocab). The formulas are in docs/design.md
+("The math"); the tests check them against `reference.py` (TRL's code shape, autograd) in float64.
 
 Layout: a chunk holds M active tokens, sorted by sequence; `seq` maps each token to a chunk-local sequence
 index, so per-sequence sums are `index_add` over `num_seqs` slots. The loss is L = sum_t w_t * l_t with the

@@ -1,4 +1,4 @@
-"""The native CPU chunk epilogue (csrc/chunk_epilogue.cpp): build once per machine, load, dispatch.
+"""The native CPU chunk epilogue (grpo_kernels/csrc/chunk_epilogue.cpp): build once per machine, load, dispatch.
 
 torch_ops.chunk_stats / chunk_dlogits_ call `chunk_stats` / `chunk_dlogits_` here first; these return None when
 the native path does not apply (not a CPU fp32/fp64 buffer with unit column stride, a 16-bit out_dtype, the
@@ -9,7 +9,8 @@ Build: torch.utils.cpp_extension (g++ and ninja) into <torch extensions dir>/grp
 key hashes the source, the flags, the compiler's name, torch's and Python's versions and the CPU's instruction-set
 flags (the code is built with -march=native). A built library is loaded directly without invoking the compiler; one
 line is printed when it builds, one warning when it cannot (then the PyTorch path is used). A failed build leaves
-build-failed.txt in that folder so that later processes warn without building again.
+build-failed.txt in that folder so that later processes warn without building again. The source ships inside the
+package (package data), so an installed wheel builds it as a checkout does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 Tensor = torch.Tensor
 
-_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "chunk_epilogue.cpp"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "chunk_epilogue.cpp"
 _NAME = "grpo_kernels_native"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
 _LDFLAGS = ["-fopenmp"]

@@ -28,7 +28,7 @@ class LossOptions:
     beta: KL coefficient (k3 estimator against the reference log-probs); 0 disables the KL term.
     epsilon_low / epsilon_high: clipping range [1 - epsilon_low, 1 + epsilon_high]; for cispo,
         epsilon_high is the cap of the (detached) ratio.
-    loss_type: one of LOSS_TYPES; decides the per-token loss and the normalizer (see DESIGN.md).
+    loss_type: one of LOSS_TYPES; decides the per-token loss and the normalizer (docs/design.md, "The math").
     max_completion_length: the dr_grpo normalizer (required by it).
     importance_sampling_level: "token" (GRPO) or "sequence" (GSPO: one length-normalised ratio per sequence).
     temperature: logits are divided by it before the softmax.

@@ -15,7 +15,7 @@ What the chunked strategy holds beyond its inputs and outputs:
     weights, its final cast copy [V, H] in the weight's dtype; with one chunk the [V, H] dW in the weight's dtype
     that the dW GEMM writes beside the buffer.
 
-Rules (README, "How it works"):
+Rules (docs/design.md, "Sizing"):
   - chunk rows: all rows in one chunk if they fit; else as many as fit, at most CHUNK_CAP_BYTES of buffer (larger
     chunks gain no GEMM efficiency), balanced so the last chunk is not a sliver, and never fewer than
     CHUNK_FLOOR rows (fewer would make every chunk re-read the whole LM head for little work): if even the floor

@@ -4,8 +4,9 @@ GEMM helpers every path uses.
 They are the CPU path (backend="torch") and make every strategy available without Triton. Math is in fp32
 (fp64 for fp64 inputs); GEMM operands stay in the input dtype on the GPU.
 
-Precision contract (DESIGN.md): logits of 16-bit inputs are produced in fp32 (16-bit operands, fp32 output) and
-never rounded to 16 bits before the softmax; dL/dlogits is rounded to the input dtype only as a GEMM operand.
+Precision contract (docs/design.md, "Precision contract"): logits of 16-bit inputs are produced in fp32 (16-bit
+operands, fp32 output) and never rounded to 16 bits before the softmax; dL/dlogits is rounded to the input dtype
+only as a GEMM operand.
 
 Gradient of the per-row outputs with respect to the logits z = (W h + b) / T, with p = softmax(z),
 log p_v = z_v - lse and entropy H = -sum_v p_v log p_v:

@@ -1,8 +1,8 @@
 """Vocab-parallel strategy: every rank of a process group holds the same tokens and a contiguous shard of the LM
 head's rows (rank order, shards may differ in size), as in Megatron / verl tensor parallelism.
 
-Math (DESIGN.md, "Vocab-parallel" and "Entropy gradient"). A rank forms z = (h W_r^T + b_r)/tau for its rows only.
-Per token: m = max over ranks of the shard maxima (all-reduce MAX); then one all-reduce SUM of
+Math (docs/design.md, "Vocab-parallel combine" and "The entropy gradient"). A rank forms z = (h W_r^T + b_r)/tau
+for its rows only. Per token: m = max over ranks of the shard maxima (all-reduce MAX); then one all-reduce SUM of
 S_r = sum_{v in r} exp(z_v - m), the target logit (z_y - m on the owning rank, 0 elsewhere) and, for the entropy,
 A_r = sum_{v in r} exp(z_v - m) (z_v - m). So lse = m + log S, logp = (z_y - m) - log S and
 entropy = log S - A/S (two non-negative terms: no cancellation). dL/dz_v = g (1[v = y] - p_v) - e p_v (log p_v +

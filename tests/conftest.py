@@ -32,6 +32,21 @@ def rel_err(a, b):
     return ((a - b).norm() / max(b.norm().item(), TINY)).item()
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The versions the run used, after the results (also under -q, which hides the header); an optional package
+    shows 'not installed', and its tests skip with the reason."""
+    from importlib import metadata
+
+    names = ("torch", "triton", "transformers", "trl", "peft", "liger-kernel", "accelerate", "datasets")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    terminalreporter.write_line("packages: " + ", ".join(found))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
@@ -80,7 +95,7 @@ def rng(seed):
 
 
 # ------------------------------------------------------------------------------------ package vs oracle helpers
-# Tolerances from DESIGN.md: relative norm error against float64.
+# Tolerances (docs/design.md, "Testing rules"): relative norm error against float64.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 METRIC_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GRAD_KEYS = ("hidden", "weight", "bias")

@@ -1,7 +1,8 @@
 """Independent float64 oracle for the tests (never imports grpo_kernels).
 
-Written from DESIGN.md and TRL 1.16's ``GRPOTrainer._compute_loss`` / ``get_gamma_weights`` semantics, with full
-logits and autograd, so that every derivative comes from PyTorch rather than from a hand-written backward.
+Written from docs/design.md ("The math") and TRL 1.16's ``GRPOTrainer._compute_loss`` / ``get_gamma_weights``
+semantics, with full logits and autograd, so that every derivative comes from PyTorch rather than from a
+hand-written backward.
 Also holds the random-problem builders the test files share.
 
 Deliberate choice: TRL's ``global_masked_mean`` switches to a plain mean over sequences whenever its argument has

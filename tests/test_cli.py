@@ -102,11 +102,10 @@ def test_eval_command_on_a_checkpoint(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # --help, YAML, run options (HfArgumentParser)
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["train", "eval"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_lists_every_field_with_type_default_and_help(command, flag, capsys):
+def test_help_lists_every_field_with_type_default_and_help(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, flag])
+        cli.main(["train", flag])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
     for name in GRPOConfig.field_names() + [f.name for f in dataclasses.fields(cli.RunOptions)]:
@@ -114,6 +113,27 @@ def test_help_lists_every_field_with_type_default_and_help(command, flag, capsys
     assert "--learning_rate float AdamW learning rate (default: 2e-05)" in text  # the default preset's value
     assert "--max_grad_norm float | None clip the gradient norm" in text
     assert "--reward_funcs list[str] | None" in text
+
+
+def test_eval_help_lists_only_the_flags_eval_uses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    listed = {name for name in GRPOConfig.field_names() + [f.name for f in dataclasses.fields(cli.RunOptions)]
+              if f"--{name} " in text}
+    assert listed == cli.EVAL_FLAGS
+    assert "--eval_max_samples int | None" in text and "--learning_rate" not in text and "--lora_r" not in text
+    with pytest.raises(SystemExit, match="--learning_rate is a training flag; grpo eval does not use it"):
+        cli.main(["eval", "--learning_rate", "1e-5"])
+
+
+def test_eval_keeps_preset_and_yaml_values_of_fields_it_has_no_flag_for(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 3.0e-5\neval_max_samples: 7\n")  # one file for train and eval
+    config, run = cli.build_run([str(cfg)], "eval")
+    assert config.learning_rate == 3e-5 and config.eval_max_samples == 7
+    assert config.max_completion_length == PRESETS["default"]["max_completion_length"]
 
 
 def test_help_shows_the_chosen_presets_defaults(capsys):
@@ -180,25 +200,6 @@ def test_help_lists_lora_flags(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--use_peft" in out and "--lora_r" in out and "LoRA rank" in out and "--fsdp" in out
-
-
-def test_thread_count_follows_free_cores(monkeypatch):
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-        torch.set_num_threads(4)
-        monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-        assert "torch threads: 3 (4 cores available, 1-minute load average 1.2" in cli.set_num_threads()
-        assert torch.get_num_threads() == 3
-        monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-        assert cli.set_num_threads().startswith("torch threads: 1 ")
-        assert cli.set_num_threads(2).startswith("torch threads: 2 (--num_threads)")
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert "(OMP_NUM_THREADS=2)" in cli.set_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_resuming_a_finished_run_keeps_its_results(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""The C++ CPU chunk epilogue (csrc/chunk_epilogue.cpp via grpo_kernels.native) against float64 and against the
-PyTorch path it replaces. Skipped, with the reason, only where the extension cannot be built on this machine."""
+"""The C++ CPU chunk epilogue (grpo_kernels/csrc/chunk_epilogue.cpp via grpo_kernels.native) against float64 and
+against the PyTorch path it replaces. Skipped, with the reason, only where the extension cannot be built on this
+machine."""
 import warnings
 
 import pytest

@@ -1,7 +1,7 @@
 """Self-tests of tests/oracle.py, so the oracle the other files trust is itself trustworthy.
 
 The oracle is autograd over TRL's formulas; here its values and its gradient with respect to the log-probs are
-checked against DESIGN.md's closed forms, computed element by element with Python floats (a different route:
+checked against the closed forms of docs/design.md, computed element by element with Python floats (a different route:
 per-token weights w_t instead of TRL's aggregation code, hand-written derivatives instead of autograd), plus the
 chain rule through the logits and a few hand-computed TRL corner cases.
 """
@@ -21,7 +21,7 @@ LOG_FLOOR = math.log(1e-8)
 
 # ------------------------------------------------------------------------------------------- closed forms (floats)
 def _weights(lt, mask, num_items, max_len):
-    """DESIGN.md's aggregation weights w_t (L = sum_t w_t * l_t)."""
+    """The aggregation weights w_t (L = sum_t w_t * l_t)."""
     B, T = len(mask), len(mask[0])
     total = sum(map(sum, mask))
     w = [[0.0] * T for _ in range(B)]
@@ -66,7 +66,7 @@ def _phi(A, logp_row, old_row, mask_row, rho_row, o):
 
 
 def closed_form(logp, mask, adv, old, ref, rho, num_items, entropy, o):
-    """(L, g = dL/dlogp, metrics) from DESIGN.md's formulas, element by element."""
+    """(L, g = dL/dlogp, metrics) from docs/design.md's formulas, element by element."""
     lt, seq = o["loss_type"], o["importance_sampling_level"] == "sequence"
     L_ = lambda x: None if x is None else x.tolist()  # noqa: E731
     logp, mask, old, ref, rho, entropy = map(L_, (logp, mask, old, ref, rho, entropy))

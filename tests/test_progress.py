@@ -4,6 +4,7 @@ reward_curve.png draws."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 
 import pytest
@@ -42,10 +43,18 @@ def test_log_file_gets_phase_lines_and_step_lines_with_units_elapsed_and_eta(tmp
     assert len(lines) == 3
 
 
-def test_terminal_gets_a_live_bar_with_phase(tmp_path, monkeypatch):
+def _fake_terminal(monkeypatch, columns: int) -> io.StringIO:
+    """sys.stderr as a TTY whose reported width is `columns` (a `script` capture reports 0)."""
     err = io.StringIO()
     err.isatty = lambda: True
+    err.fileno = lambda: 2
     monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(logger_lib.os, "get_terminal_size", lambda fd=None: os.terminal_size((columns, 24)))
+    return err
+
+
+def test_terminal_gets_a_live_bar_with_phase(tmp_path, monkeypatch):
+    err = _fake_terminal(monkeypatch, 120)
     log = MetricsLogger(str(tmp_path), enabled=True, total_steps=5, disable_progress_bar=False)
     log.start(0)
     assert log.bar is not None and log._ticker is not None and log._ticker.is_alive()
@@ -61,6 +70,30 @@ def test_terminal_gets_a_live_bar_with_phase(tmp_path, monkeypatch):
     shown = err.getvalue()
     assert "grpo [scoring]    1/5 steps" in shown and "reward=0.500" in shown and "<" in shown  # elapsed<ETA
     assert "[step 1/5]" not in shown
+
+
+@pytest.mark.parametrize("columns", [0, 10])
+def test_terminal_without_width_gets_step_lines(tmp_path, monkeypatch, capsys, columns):
+    """A TTY that reports width 0 (or too narrow for the bar): tqdm would draw nothing for minutes; the per-step
+    lines stand in."""
+    err = _fake_terminal(monkeypatch, columns)
+    log = MetricsLogger(str(tmp_path), enabled=True, total_steps=2, disable_progress_bar=False)
+    log.start(0)
+    assert log.bar is None
+    log.phase("generating", 1)
+    log.step_line({"step": 1, "reward": 0.5})
+    log.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[grpo] step 1/2: generating") and lines[1].startswith("[step 1/2] reward=0.5 ")
+    assert err.getvalue() == ""
+
+
+def test_stream_without_a_file_descriptor_gets_no_bar():
+    class Wrapped:  # e.g. a logging wrapper that says it is a TTY but has no fileno
+        def isatty(self):
+            return True
+
+    assert logger_lib.bar_drawable(Wrapped()) is False
 
 
 def test_disabled_logger_is_silent(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Step-for-step parity with TRL 1.16's GRPOTrainer (trl==1.16.0, installed by .ci/run).
+"""Step-for-step parity with TRL 1.16's GRPOTrainer (trl==1.16.0, from the `test` extra; skipped without TRL).
 
 Both trainers run on the same tiny random Llama (built here, no hub), two prompts of different lengths (so left
 padding matters) and eight fixed completions (some ending in EOS, some cut at max_completion_length); only
@@ -24,10 +24,7 @@ from grpo.config import DIFFERS_FROM_TRL, OURS_ONLY, GRPOConfig
 from grpo.model import build_tiny_model, build_tiny_tokenizer
 from grpo.trainer import GRPOTrainer
 
-try:
-    import trl
-except ImportError:  # CI installs it; a missing TRL must not look like a pass
-    trl = None
+trl = pytest.importorskip("trl", reason="TRL parity needs trl==1.16.0: pip install -e '.[test]'")
 
 PROMPTS = ["Write a short poem about the sea, please.", "Hi"]
 MCL = 6  # max_completion_length on both sides
@@ -39,9 +36,8 @@ GRAD_TOL = 1e-5  # relative, per parameter tensor (measured: ≤ 6e-7)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    if trl is None or not trl.__version__.startswith("1.16."):
-        pytest.fail(f"tests/test_trl_parity.py needs trl==1.16.* (pip install trl==1.16.0), found "
-                    f"{getattr(trl, '__version__', 'none')}")
+    if not trl.__version__.startswith("1.16."):  # installed but another version: the baseline moved, not absent
+        pytest.fail(f"tests/test_trl_parity.py needs trl==1.16.* (pip install -e '.[test]'), found {trl.__version__}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: threads only add spin-wait overhead on a shared 2-core machine
     tok = build_tiny_tokenizer()

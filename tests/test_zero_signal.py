@@ -1,5 +1,6 @@
-"""A micro-batch without learning signal (beta 0, every advantage 0) skips the backbone's backward but leaves the
-same gradients (zeros), parameters, metrics and data-parallel all-reduce as the full forward + backward."""
+"""A micro-batch without learning signal (beta 0, every advantage 0) skips the backbone's forward and backward but
+leaves the same gradients (zeros), parameters, clip metrics and data-parallel all-reduce as the full forward +
+backward; its entropy is not measured."""
 
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ def _batch(tok, advantages, lengths=(4, 2, 6, 3)):
                            num_items_in_batch=30.0)
 
 
-def _run(model, args, batch, skip):
-    """(loss, metric sums, gradients, number of backward gradient accumulations) of one micro_step."""
+def _run(model, args, batch, skip, forwards=None):
+    """(loss, metric sums, gradients, number of backward gradient accumulations) of one micro_step; the backbone's
+    forward calls are appended to `forwards`."""
     model.zero_grad(set_to_none=True)
     calls = []
     hooks = [p.register_post_accumulate_grad_hook(lambda p: calls.append(1)) for p in model.parameters()]
+    seen = forwards if forwards is not None else []
+    hooks.append(model.get_decoder().register_forward_hook(lambda *a: seen.append(1)))
     try:
         loss, sums = update.micro_step(model, update.make_loss_fn(args), batch, args, 1, skip_zero_signal=skip)
     finally:
@@ -70,9 +74,11 @@ def test_zero_signal_micro_batch_skips_backward_same_gradients_and_metrics(tmp_p
     batch = _batch(tok, [0.0, 0.0, 0.0, 0.0])
     assert not update.has_signal(batch, args)
 
-    loss_s, sums_s, grads_s, backward_s = _run(model, args, batch, skip=True)
-    loss_f, sums_f, grads_f, backward_f = _run(model, args, batch, skip=False)
+    forwards_s, forwards_f = [], []
+    loss_s, sums_s, grads_s, backward_s = _run(model, args, batch, skip=True, forwards=forwards_s)
+    loss_f, sums_f, grads_f, backward_f = _run(model, args, batch, skip=False, forwards=forwards_f)
     assert backward_s == 0 and backward_f > 0  # the skipped path ran no backward
+    assert forwards_s == [] and forwards_f  # and no forward
     assert loss_s == 0.0 and loss_f == 0.0
     for gs, gf in zip(grads_s, grads_f):  # the full backward of a zero loss gives exact zeros; so does the skip
         assert gs is not None and gf is not None
@@ -80,11 +86,12 @@ def test_zero_signal_micro_batch_skips_backward_same_gradients_and_metrics(tmp_p
     assert sums_s["zero_signal_ratio"] == (1.0, 1.0) and sums_f["zero_signal_ratio"] == (0.0, 1.0)
     assert set(sums_s) == set(sums_f)  # same metric names: ranks reduce them together
     for name in sums_f:
-        if name != "zero_signal_ratio":
+        if name not in ("zero_signal_ratio", "entropy"):
             assert sums_s[name] == pytest.approx(sums_f[name], rel=1e-6, abs=1e-9), name
+    assert sums_s["entropy"] == (0.0, 0.0)  # not measured: it counts no tokens in the step's mean
     tokens = float(batch.completion_mask.sum())
-    entropy = sums_s["entropy"][0] / sums_s["entropy"][1]
-    assert sums_s["entropy"][1] == tokens and entropy > 0.1
+    entropy = sums_f["entropy"][0] / sums_f["entropy"][1]
+    assert sums_f["entropy"][1] == tokens and entropy > 0.1
     assert entropy == pytest.approx(_entropy_reference(model, batch, 0.9), rel=1e-4)
 
 
@@ -157,6 +164,9 @@ def test_training_with_skipped_micro_batches_equals_training_without(tmp_path, m
     for rs, rf in zip(train_s, train_f):
         assert set(rs) == set(rf)
         for key in set(rs) - {"zero_signal_ratio", "step_time", "tokens_per_second"} - {k for k in rs if "time" in k}:
+            if key == "entropy" and rs["zero_signal_ratio"] == 1.0:  # a step that skipped every micro-batch
+                assert rs[key] is None and rf[key] > 0.1
+                continue
             assert rs[key] == pytest.approx(rf[key], rel=1e-6, abs=1e-9), key
     expected = [1.0, 0.0] * (4 // gas)
     assert [r["zero_signal_ratio"] for r in train_s] == expected
@@ -172,7 +182,7 @@ def test_zero_signal_step_leaves_parameters_unchanged(tmp_path):
     for a, b in zip(before, _params(trainer.model)):
         assert torch.equal(a, b)
     assert row["loss"] == 0.0 and row["grad_norm"] == 0.0 and row["zero_signal_ratio"] == 1.0
-    assert row["entropy"] > 0.1 and row["reward_std"] == 0.0  # entropy still logged from the no-grad pass
+    assert row["entropy"] is None and row["reward_std"] == 0.0  # no forward ran: no entropy to log
 
 
 def _skip_worker(rank, world, port, out_dir, overrides):

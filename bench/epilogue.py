@@ -1,9 +1,9 @@
 """The C++ chunk epilogue against the PyTorch path, interleaved call by call (GRPO_KERNELS_NATIVE toggled
 between calls) so that a busy, shared machine slows both alike.
 
-    python csrc/bench_epilogue.py [--shapes 1024x8192,1024x49152] [--reps 15] [--entropy]
+    python -m bench.epilogue [--shapes 1024x8192,1024x49152] [--reps 15] [--entropy]
         the epilogue alone: chunk_stats + chunk_dlogits_ on one [M, V] fp32 chunk
-    python csrc/bench_epilogue.py --loss [--shapes 1024x256x8192,2048x576x49152] [--reps 9]
+    python -m bench.epilogue --loss [--shapes 1024x256x8192,2048x576x49152] [--reps 9]
         the whole loss as `python -m bench loss` times ours-auto (fused_linear_grpo_loss forward + backward, dapo,
         the bench's inputs: bench.shapes.make_inputs with 256-token sequences)
 
@@ -13,13 +13,10 @@ speed-ups (torch time / native time of adjacent calls). A benchmark, not a test.
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's grpo_kernels and bench
 from grpo_kernels import native, torch_ops
 
 
