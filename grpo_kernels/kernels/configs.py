@@ -53,7 +53,8 @@ def _cfg(bm, bv, bk, warps, stages, group_m=8) -> dict:
 
 def smem_estimate(cfg: dict, dtype: torch.dtype) -> int:
     """Upper bound of a fused backward program's shared memory: num_stages buffers of the h and W K-slices plus two
-    16-bit (fp32 for fp32 inputs) [BLOCK_M, BLOCK_V] dz operands. It matches Triton 3.9's sm_90 compiles."""
+    16-bit (fp32 for fp32 inputs) [BLOCK_M, BLOCK_V] dz operands: Triton 3.9's sm_90 dynamic shared memory (1 KiB of
+    static shared memory comes on top), an upper bound on sm_80/86/89 (one dz copy there)."""
     elt = dtype.itemsize
     pipe = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_V"]) * cfg["BLOCK_K"] * elt
     return pipe + 2 * cfg["BLOCK_M"] * cfg["BLOCK_V"] * elt

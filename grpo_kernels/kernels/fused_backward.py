@@ -13,9 +13,10 @@ Cost model (per tile BM x BV, K = H; llama3-8b head: H = 4096, V = 128256, bf16,
     256 FLOPs: keeping pace with ~800 TFLOP/s means 3e12 atomics/s = 12.5 TB/s of read-modify-write, above the
     L2's bandwidth, and the accumulators spill to HBM (3.35 TB/s on H100, 4.8 on H200: 2.15 TB takes >= 0.45 s,
     against 0.26 s of GEMM). So the kernel is atomic-bound unless tiles are skipped. Occupancy (sm_90 compile,
-    Triton 3.9, bf16, 8 warps): 218 registers and 160 KiB shared memory per program (224 / 128 KiB with the
-    entropy gradient), so one program per SM and its tensor cores idle while it issues atomics. Hence, in order
-    of what they save:
+    Triton 3.9, bf16, 8 warps, `python -m grpo_kernels.compile_check`): 208 registers and 161 KiB shared memory
+    per program (224 / 129 KiB with the entropy gradient), so one program per SM and its tensor cores idle while
+    it issues atomics; sm_80/86/89 get a 128 x 128 x 32 two-stage tile (64 KiB, 182-212 registers; kernels/
+    configs.py). Hence, in order of what they save:
       1. gradient filter (FILTER, after Cut Cross-Entropy): a tile with no row's target whose every |dz_iv| is at
          most filter_eps * (|g_i| + |e_i|) / T, filter_eps = u / V (u = unit roundoff of the input dtype, in which
          dz is rounded for the GEMMs and d_hidden / d_weight are returned), skips both GEMMs and all its atomics
