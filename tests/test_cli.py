@@ -136,7 +136,7 @@ def test_eval_keeps_preset_and_yaml_values_of_fields_it_has_no_flag_for(tmp_path
     cfg.write_text("learning_rate: 3.0e-5\neval_max_samples: 7\n")  # one file for train and eval
     config, run = cli.build_run([str(cfg)], "eval")
     assert config.learning_rate == 3e-5 and config.eval_max_samples == 7
-    assert config.max_completion_length == PRESETS["default"]["max_completion_length"]
+    assert config.max_completion_length == 40  # the default preset's, as the README gives it (GRPOConfig alone has 256)
 
 
 def test_help_shows_the_chosen_presets_defaults(capsys):
