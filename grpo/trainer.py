@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from . import advantages as adv_lib
-from . import checkpoint, distributed, fsdp, lora, rollout, scoring, update
+from . import checkpoint, distributed, fsdp, lora, rollout, scoring, update, vllm_importance
 from . import evaluate as eval_lib
 from . import model as model_lib
 from .config import GRPOConfig
@@ -107,6 +107,12 @@ class GRPOTrainer:
         self._early_evals: list[tuple[int, dict]] = []
         self.last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluate()
         self.generate_fn = rollout.hf_generate  # the sampler; tests may swap in a deterministic one
+        self.vllm = None  # use_vllm: an in-process vLLM engine samples instead (docs/vllm.md)
+        if args.use_vllm:
+            from .vllm_engine import ColocateEngine
+
+            self.vllm = ColocateEngine(self.model, args, self.dist)
+            self.generate_fn = self.vllm.generate
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop
@@ -116,7 +122,8 @@ class GRPOTrainer:
         gas, spg = args.gradient_accumulation_steps, args.steps_per_generation
         generate_every = spg * args.num_iterations  # micro-steps between two generation batches
         # Old log-probs differ from the current ones only when a generation batch outlives an optimizer step.
-        needs_old_logps = gas % generate_every != 0
+        # With vLLM they are also what its log-probs are compared with (importance-sampling correction, metrics).
+        needs_old_logps = gas % generate_every != 0 or self.vllm is not None
         self.logger = MetricsLogger(args.output_dir, enabled=info.is_main, report_to=args.report_to,
                                     total_steps=self.max_steps, disable_progress_bar=args.disable_progress_bar,
                                     log_completions=args.log_completions,
@@ -165,6 +172,8 @@ class GRPOTrainer:
                     self.logger.phase("updating", self.step + 1)
                     if needs_old_logps:
                         batch.old_logps = self._run(update.per_token_logps, batch, args)
+                    if self.vllm is not None:
+                        self.logger.add_many(vllm_importance.correct_rollout(batch, args, info))
                     if self.ref_model is not None:
                         batch.ref_logps = self._run(update.per_token_logps, batch, args, ref=True)
                     elif args.beta != 0.0:  # LoRA: the base model is the reference
@@ -197,6 +206,8 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             times["time/update"] += time.perf_counter() - t0
+            if self.vllm is not None:  # the next rollout samples from the weights just updated
+                times["time/weight_sync"] = self.vllm.sync(self.model)
 
             # (5) Metrics: TRL's names; loss is averaged over ranks as transformers' Trainer logs it.
             step_time = time.perf_counter() - step_start
@@ -348,6 +359,8 @@ class GRPOTrainer:
         if rng is not None:
             checkpoint.set_rng_state(rng)
         self.logger.restore(state["log_history"], self.step)
+        if self.vllm is not None:
+            self.vllm.sync(self.model)
         self.logger.write(f"[grpo] resumed from {folder} at step {self.step}/{self.max_steps}")
 
     # ------------------------------------------------------------------------------------------------------------
