@@ -152,7 +152,7 @@ def reward_len(completions, **kw):
     return [float(len(set(c))) for c in completions]
 
 
-def make_trainer(tmp_path, model=None, **overrides):
+def make_trainer(tmp_path, model=None, peft_config=None, **overrides):
     from grpo import GRPOTrainer
 
     tok = build_tiny_tokenizer()
@@ -163,7 +163,7 @@ def make_trainer(tmp_path, model=None, **overrides):
     kw.update(overrides)
     rows = [{"prompt": p} for p in PROMPTS * 4]
     return GRPOTrainer(model=model, reward_funcs=[reward_len], args=GRPOConfig(**kw), train_dataset=rows,
-                       processing_class=tok)
+                       processing_class=tok, peft_config=peft_config)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +290,20 @@ def test_resume_with_vllm_samples_what_the_uninterrupted_run_did(tmp_path, train
         return [r for r in map(json.loads, (path / "completions.jsonl").read_text().splitlines()) if r["step"] == 2]
 
     assert step2(tmp_path / "a") == step2(tmp_path / "b")
+
+
+@needs_vllm
+def test_lora_is_pushed_merged(tmp_path, trainer):
+    """LoRA: vLLM gets W + B·A·scaling for every adapted layer; after a step that moves the adapters, the engine
+    scores its samples as the peft model does."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    t = make_trainer(tmp_path, peft_config=config, learning_rate=1e-2)
+    fixed = rollout_of(t, seed=5)
+    before = fixed.sampling_logps.clone()
+    t.train()
+    lora_b = [p for n, p in t.model.named_parameters() if "lora_B" in n]
+    assert lora_b and max(p.abs().max().item() for p in lora_b) > 0  # peft starts B at 0: the step moved it
+    after = rollout_of(t, seed=5)
+    assert engine_vs_trainer(t, after) < 1e-4
+    assert after.completion_id_lists != fixed.completion_id_lists or not torch.equal(after.sampling_logps, before)
