@@ -60,6 +60,8 @@ def base_config(model):
     config = copy.deepcopy(base.config)
     if not getattr(config, "architectures", None):
         config.architectures = [type(base).__name__]
+    if getattr(config, "tie_word_embeddings", False):  # the head gets its own copy: see vllm_weights.named_weights
+        config.tie_word_embeddings = False
     if hasattr(config, "quantization_config"):  # a GGUF-loaded policy holds dequantized fp weights
         delattr(config, "quantization_config")
     return config

@@ -57,11 +57,25 @@ def _checkpoint_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", "")
 
 
+def tied_head_name(model) -> str | None:
+    """Checkpoint name of the LM head's weight when it is the input embedding's (tied), else None."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return None
+    return next(_checkpoint_name(n) + ".weight" for n, m in model.named_modules() if m is head)
+
+
 def named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, full tensor) for every weight vLLM holds, one at a time (see the module docstring)."""
+    """(checkpoint name, full tensor) for every weight vLLM holds, one at a time (see the module docstring).
+
+    A tied LM head is pushed a second time under its own name: the engine is built untied (vllm_engine.py),
+    because vLLM 0.32's in-place reload skips a tied head and keeps the copy that its CPU build repacked from the
+    first weights."""
     from . import lora
 
     adapted = _lora_layers(model) if lora.is_peft(model) else {}
+    head = tied_head_name(model)
+    embed = model.get_input_embeddings().weight if head else None
     for name, param in model.named_parameters():
         if adapted and (".lora_" in name or "original_module" in name):
             continue
@@ -70,3 +84,5 @@ def named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if ckpt in adapted:
             value = value + _lora_delta(adapted[ckpt]).to(value.dtype)
         yield ckpt, value
+        if param is embed:
+            yield head, value

@@ -307,3 +307,20 @@ def test_lora_is_pushed_merged(tmp_path, trainer):
     after = rollout_of(t, seed=5)
     assert engine_vs_trainer(t, after) < 1e-4
     assert after.completion_id_lists != fixed.completion_id_lists or not torch.equal(after.sampling_logps, before)
+
+
+@needs_vllm
+def test_tied_embeddings_reach_the_engine(tmp_path, trainer):
+    """A tied LM head (SmolLM2's) is pushed under its own name into an untied engine: without that, vLLM's in-place
+    reload kept the head its CPU build repacked from the dummy start weights (log-probs off by ~1)."""
+    from transformers import LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    config = build_tiny_model(tok, hidden_size=HIDDEN).config
+    config.tie_word_embeddings = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        tied = LlamaForCausalLM(config)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    t = make_trainer(tmp_path, model=tied)
+    assert engine_vs_trainer(t, rollout_of(t, seed=6)) < 1e-4
