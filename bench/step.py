@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,13 +27,13 @@ from pathlib import Path
 import torch
 
 PHASES = ("generation", "scoring", "update")
-VARIANTS = ("ours-auto", "ours-chunked", "ours-fused", "trl", "trl+gk")
+VARIANTS = ("ours-auto", "ours-chunked", "ours-fused", "ours+vllm", "trl", "trl+gk", "trl+vllm")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="tiny (seeded 2-layer Llama), smollm2 (SmolLM2-135M-Instruct) or a local path")
     p.add_argument("--impls", default="ours-auto,trl,trl+gk", help=f"comma list of {', '.join(VARIANTS)} (trl+gk: TRL's "
-                   "GRPOTrainer after grpo_kernels.integrations.trl.patch())")
+                   "GRPOTrainer after grpo_kernels.integrations.trl.patch(); +vllm: use_vllm=True, colocate)")
     p.add_argument("--steps", type=int, default=3, help="measured optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="steps run first and not counted")
     p.add_argument("--num-generations", type=int, default=4)
@@ -154,7 +155,7 @@ def _rewards():
 
 def _summarise(per_step: list[dict]) -> dict:
     out = {}
-    for key in ("step", *PHASES):
+    for key in ("step", *PHASES, "weight_sync"):
         vals = [s[key] for s in per_step if s.get(key) is not None]
         out[f"{key}_s"] = statistics.median(vals) if vals else None
     return out
@@ -178,10 +179,11 @@ def _run_ours(task: dict, device: torch.device) -> dict:
     from grpo import GRPOConfig, GRPOTrainer
 
     c = task["config"]
-    strategy = task["variant"].split("-", 1)[1]
+    variant = task["variant"]
+    strategy = variant.split("-", 1)[1] if "-" in variant else "auto"
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(**_shared_args(task, tmp), max_prompt_length=c["max_prompt_length"], save_steps=10**9,
-                          disable_progress_bar=True, kernel_strategy=strategy)
+                          disable_progress_bar=True, kernel_strategy=strategy, use_vllm=variant.endswith("+vllm"))
         meter = PhaseMeter(device)
         patches = [
             (rollout, "generate_rollout", meter.wrap("generation", rollout.generate_rollout)),
@@ -192,7 +194,9 @@ def _run_ours(task: dict, device: torch.device) -> dict:
         try:
             for m, n, f in patches:
                 setattr(m, n, f)
+            t0 = time.perf_counter()
             trainer = GRPOTrainer(model=task["model"], reward_funcs=_rewards(), args=args, train_dataset=_rows(64, task["seed"]))
+            setup_s = time.perf_counter() - t0  # model load (+ vLLM engine start)
             trainer._score = meter.wrap("scoring", trainer._score)
             history = trainer.train()
         finally:
@@ -200,10 +204,12 @@ def _run_ours(task: dict, device: torch.device) -> dict:
                 setattr(m, n, f)
     rows = [r for r in history if "step_time" in r]
     per_step = [
-        {"step": r["step_time"], **{p: r.get(f"time/{p}") for p in PHASES}, "reward": r.get("reward")}
+        {"step": r["step_time"], **{p: r.get(f"time/{p}") for p in PHASES}, "weight_sync": r.get("time/weight_sync"),
+         "reward": r.get("reward"), "mismatch_fraction": r.get("sampling/mismatch_fraction")}
         for r in rows[task["warmup_steps"] :]
     ]
-    return {"per_step": per_step, "peak_extra_bytes": meter.peak, "process_peak_bytes": _process_peak(device)}
+    return {"per_step": per_step, "peak_extra_bytes": meter.peak, "process_peak_bytes": _process_peak(device),
+            "setup_s": setup_s}
 
 
 def _trl_unavailable() -> str | None:
@@ -245,6 +251,11 @@ def _run_trl(task: dict, device: torch.device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         kw = dict(**_shared_args(task, tmp), save_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu",
                   bf16=device.type == "cuda")
+        if task["variant"] == "trl+vllm":
+            if device.type == "cpu":  # as ours: a KV cache of 1 GiB, not 30% of the machine; no OpenMP binding
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            kw.update(use_vllm=True, vllm_mode="colocate")
         if "max_prompt_length" in fields:
             kw["max_prompt_length"] = c["max_prompt_length"]
         args = trl.GRPOConfig(**{k: v for k, v in kw.items() if k in fields})
@@ -282,7 +293,7 @@ def run_step_task(task: dict, emit) -> None:
         torch.set_num_threads(int(task["threads"]))
     rec = {"variant": task["variant"], "model": task["model"], "config": task["config"], "threads": torch.get_num_threads()}
     try:
-        if task["variant"] in ("trl", "trl+gk"):
+        if task["variant"] in ("trl", "trl+gk", "trl+vllm"):
             reason = _trl_unavailable()
             gkt = None
             if reason is None and task["variant"] == "trl+gk":
@@ -332,15 +343,16 @@ def to_markdown(res: dict) -> str:
         f"Model `{meta['model']}`; config: " + ", ".join(f"{k}={v}" for k, v in meta["config"].items())
         + f"; median of {meta['steps']} steps after {meta['warmup_steps']} warm-up.",
         "",
-        "| variant | status | step s | generation s | scoring s | update s | peak gen MiB | peak score MiB | peak update MiB | process peak MiB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | status | step s | generation s | scoring s | update s | weight sync s | setup s | peak gen MiB | peak score MiB | peak update MiB | process peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["records"]:
         pk = r.get("peak_extra_bytes") or {}
         mib = lambda b: None if b is None else b / 2**20  # noqa: E731
         lines.append(
             f"| {r['variant']} | {r['status']} | {_fmt(r.get('step_s'))} | {_fmt(r.get('generation_s'))} | "
-            f"{_fmt(r.get('scoring_s'))} | {_fmt(r.get('update_s'))} | {_fmt(mib(pk.get('generation')), '{:.1f}')} | "
+            f"{_fmt(r.get('scoring_s'))} | {_fmt(r.get('update_s'))} | {_fmt(r.get('weight_sync_s'))} | "
+            f"{_fmt(r.get('setup_s'), '{:.1f}')} | {_fmt(mib(pk.get('generation')), '{:.1f}')} | "
             f"{_fmt(mib(pk.get('scoring')), '{:.1f}')} | {_fmt(mib(pk.get('update')), '{:.1f}')} | "
             f"{_fmt(mib(r.get('process_peak_bytes')), '{:.0f}')} | {(r.get('error') or '').replace('|', '/')[:160]} |"
         )

@@ -200,6 +200,31 @@ class GRPOConfig:
     disable_progress_bar: bool = field(
         default=False, metadata={"help": "no progress bar; one text line per step instead"})
 
+    # --- vLLM generation (TRL 1.16's names and defaults; grpo/vllm_config.py validates, docs/vllm.md) -----------
+    use_vllm: bool = field(default=False, metadata={"help": "sample completions with vLLM instead of HF generate"})
+    vllm_mode: str = field(default="colocate", metadata={"help": "colocate (an engine in each process) | server"})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "colocate: share of GPU memory vLLM may take, in (0, 1]"})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "vLLM context length; None = max_prompt_length + max_completion_length"})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "colocate: ranks sharing one engine"})
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "release vLLM's weights and KV cache between rollouts (GPU)"})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "vllm | transformers: vLLM's model code"})
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "server mode: base URL; overrides host and port"})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "server mode: host"})
+    vllm_server_port: int = field(default=8000, metadata={"help": "server mode: port"})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "server mode: seconds to wait for it"})
+    vllm_importance_sampling_correction: bool = field(
+        default=True, metadata={"help": "weight the loss by pi_trainer / pi_vLLM of the sampled tokens"})
+    vllm_importance_sampling_mode: str = field(
+        default="sequence_mask", metadata={"help": "token_truncate | token_mask | sequence_truncate | sequence_mask"})
+    vllm_importance_sampling_clip_min: float | None = field(
+        default=None, metadata={"help": "lower bound of the ratio (truncate: clamp; mask: zero below); None = none"})
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=3.0, metadata={"help": "upper bound of the ratio (truncate: clamp; mask: zero above); None = none"})
+
     # --- grpo_kernels -------------------------------------------------------------------------------------------
     kernel_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
     kernel_strategy: str = field(default="auto", metadata={"help": "auto | chunked | fused"})
@@ -392,6 +417,9 @@ class GRPOConfig:
             raise ValueError(f"bf16 must be True, False or None (auto), got {self.bf16!r}")
         _check_int("seed", self.seed, 0)
         _check_fsdp(self.fsdp)
+        from .vllm_config import validate_vllm_fields
+
+        validate_vllm_fields(self)
 
         _check_int("logging_steps", self.logging_steps, 1)
         if self.max_unscorable_steps is not None:

@@ -198,6 +198,8 @@ class Rollout:
     advantages: torch.Tensor | None = None
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    sampling_logps: torch.Tensor | None = None  # the sampler's log-probs of the completion tokens (vLLM)
+    importance_sampling_ratio: torch.Tensor | None = None  # π_old/π_vLLM, [B, C] or [B, 1] (vllm_importance.py)
     num_items_in_batch: float = 0.0  # completion tokens of the whole generation batch, all ranks
     extra: dict = field(default_factory=dict)  # per-completion logging (rewards, advantages)
     is_prompt_truncated: torch.Tensor | None = None  # bool: the prompt was cut to max_prompt_length
@@ -216,7 +218,8 @@ class Rollout:
             prompt_ids=pick(self.prompt_ids), prompt_mask=pick(self.prompt_mask),
             completion_ids=pick(self.completion_ids), completion_mask=pick(self.completion_mask),
             is_truncated=pick(self.is_truncated), advantages=pick(self.advantages), old_logps=pick(self.old_logps),
-            ref_logps=pick(self.ref_logps), num_items_in_batch=self.num_items_in_batch,
+            ref_logps=pick(self.ref_logps), sampling_logps=pick(self.sampling_logps),
+            importance_sampling_ratio=pick(self.importance_sampling_ratio), num_items_in_batch=self.num_items_in_batch,
         )
         return out.trimmed()
 
@@ -230,7 +233,8 @@ class Rollout:
         lengths = torch.tensor([len(c) for c in self.completion_id_lists])
         c1 = max(1, int(lengths.max()) if len(lengths) else 1)
         self.prompt_ids, self.prompt_mask = self.prompt_ids[:, p0:], self.prompt_mask[:, p0:]
-        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
+        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps", "sampling_logps",
+                     "importance_sampling_ratio"):  # a [B, 1] sequence-level ratio keeps its one column
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[:, :c1])
@@ -278,6 +282,13 @@ def generate_rollout(model, tokenizer, rows: list[dict], args, generate_fn=hf_ge
     truncated = torch.tensor([not c or c[-1] not in eos_ids for c in completion_lists], device=device)
     if args.mask_truncated_completions:
         c_mask = c_mask * (~truncated).unsqueeze(1).long()
-    return Rollout(rows=rows, prompts=prompts, completions=completions, completion_id_lists=completion_lists,
+    sampling_logps = None
+    if getattr(completion_lists, "logprobs", None) is not None:  # a sampler that reports its log-probs (vLLM)
+        sampling_logps = torch.zeros(c_ids.shape, dtype=torch.float32)
+        for i, lp in enumerate(completion_lists.logprobs):
+            sampling_logps[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        sampling_logps = sampling_logps.to(device)
+    return Rollout(rows=rows, prompts=prompts, completions=completions, completion_id_lists=list(completion_lists),
                    prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
-                   is_truncated=truncated, is_prompt_truncated=torch.tensor(prompt_cut, device=device))
+                   is_truncated=truncated, sampling_logps=sampling_logps,
+                   is_prompt_truncated=torch.tensor(prompt_cut, device=device))

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from . import advantages as adv_lib
-from . import checkpoint, distributed, fsdp, lora, rollout, run_lock, scoring, signals, update
+from . import checkpoint, distributed, fsdp, lora, rollout, run_lock, scoring, signals, update, vllm_importance
 from . import data
 from . import evaluate as eval_lib
 from . import model as model_lib
@@ -112,6 +112,12 @@ class GRPOTrainer:
         self.stopped_by_signal: str | None = None  # set when a signal stopped train() early (after a checkpoint)
         self.unscorable = scoring.UnscorableWatch(args.max_unscorable_steps)
         self._said_prompts_cut = False
+        self.vllm = None  # use_vllm: an in-process vLLM engine samples instead (docs/vllm.md)
+        if args.use_vllm:
+            from .vllm_engine import ColocateEngine
+
+            self.vllm = ColocateEngine(self.model, args, self.dist)
+            self.generate_fn = self.vllm.generate
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop
@@ -127,7 +133,8 @@ class GRPOTrainer:
         gas, spg = args.gradient_accumulation_steps, args.steps_per_generation
         generate_every = spg * args.num_iterations  # micro-steps between two generation batches
         # Old log-probs differ from the current ones only when a generation batch outlives an optimizer step.
-        needs_old_logps = gas % generate_every != 0
+        # With vLLM they are also what its log-probs are compared with (importance-sampling correction, metrics).
+        needs_old_logps = gas % generate_every != 0 or self.vllm is not None
         self.logger = MetricsLogger(args.output_dir, enabled=info.is_main, report_to=args.report_to,
                                     total_steps=self.max_steps, disable_progress_bar=args.disable_progress_bar,
                                     log_completions=args.log_completions,
@@ -176,6 +183,8 @@ class GRPOTrainer:
                     self.logger.phase("updating", self.step + 1)
                     if needs_old_logps:
                         batch.old_logps = self._run(update.per_token_logps, batch, args)
+                    if self.vllm is not None:
+                        self.logger.add_many(vllm_importance.correct_rollout(batch, args, info))
                     if self.ref_model is not None:
                         batch.ref_logps = self._run(update.per_token_logps, batch, args, ref=True)
                     elif args.beta != 0.0:  # LoRA: the base model is the reference
@@ -208,6 +217,8 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             times["time/update"] += time.perf_counter() - t0
+            if self.vllm is not None:  # the next rollout samples from the weights just updated
+                times["time/weight_sync"] = self.vllm.sync(self.model)
 
             # (5) Metrics: TRL's names; loss is averaged over ranks as transformers' Trainer logs it.
             step_time = time.perf_counter() - step_start
@@ -375,6 +386,8 @@ class GRPOTrainer:
         if rng is not None:
             checkpoint.set_rng_state(rng)
         self.logger.restore(state["log_history"], self.step)
+        if self.vllm is not None:
+            self.vllm.sync(self.model)
         self.logger.write(f"[grpo] resumed from {folder} at step {self.step}/{self.max_steps}")
 
     # ------------------------------------------------------------------------------------------------------------

@@ -208,13 +208,23 @@ def micro_loss(model, loss_fn, mb, args, world_size: int):
     loss, metrics = loss_fn(
         hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
         ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
-        vllm_is_ratio=None if keep is None else keep.to(torch.float32),
+        vllm_is_ratio=is_ratio(mb, keep),
     )
     loss = loss * loss_multiplier(args, world_size)
     policy_loss = float(loss.detach())
     if args.entropy_coef != 0.0:
         loss = loss - args.entropy_coef * entropy_bonus(entropy, mb.completion_mask, keep, args)
     return loss, policy_loss, metrics
+
+
+def is_ratio(mb, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """The fused loss's per-token ratio input: the vLLM importance ratio (grpo/vllm_importance.py), times the
+    top-entropy token mask when there is one."""
+    rho = getattr(mb, "importance_sampling_ratio", None)
+    if keep is None:
+        return rho
+    keep = keep.to(torch.float32)
+    return keep if rho is None else keep * rho
 
 
 def micro_step(model, loss_fn, mb, args, world_size: int, skip_zero_signal: bool = True,
