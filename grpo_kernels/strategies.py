@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .batch import Plan
+from .plan import Plan
 from . import torch_ops
 from .loss_math import token_loss_and_grad
 from .options import LossOptions

@@ -15,7 +15,7 @@ import oracle
 from conftest import rel_err
 
 import grpo_kernels as gk
-from grpo_kernels import batch, sizing, strategies
+from grpo_kernels import plan, sizing, strategies
 
 GIB = 1 << 30
 CUDA0 = torch.device("cuda", 0)  # never touched: the memory queries below are patched
@@ -185,7 +185,7 @@ def syncs(monkeypatch):
         other = []
     c = Count()
     inside = [False]
-    real_to_host = batch._to_host
+    real_to_host = plan._to_host
 
     def to_host(t):
         c.plan += 1
@@ -204,7 +204,7 @@ def syncs(monkeypatch):
             return real(self, *a, **k)
         return call
 
-    monkeypatch.setattr(batch, "_to_host", to_host)
+    monkeypatch.setattr(plan, "_to_host", to_host)
     for m in ("tolist", "item"):
         monkeypatch.setattr(torch.Tensor, m, reading(m))
     mode = _SyncCounter()
@@ -311,7 +311,7 @@ def test_indices_match_nonzero():
     for n, p in [(0, 0.5), (1, 1.0), (1, 0.0), (17, 0.3), (64, 1.0), (64, 0.0), (1000, 0.05)]:
         flag = torch.rand(n, generator=g) < p
         expect = flag.nonzero().squeeze(1)
-        got = batch._indices(flag, int(flag.sum()))
+        got = plan._indices(flag, int(flag.sum()))
         assert torch.equal(got, expect), (n, p)
 
 
