@@ -261,6 +261,12 @@ def detect_format(rows: list[dict]) -> str:
     )
 
 
+def is_conversational(prompt: Any) -> bool:
+    """A chat prompt: a list of {"role", "content"} messages (TRL's convention: the first item is a dict with a
+    "role"). The one rule for the whole trainer: what gets the chat template also gets chat-shaped completions."""
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
 def to_prompt_rows(
     rows: list[dict],
     system_prompt: str | None = None,

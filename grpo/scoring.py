@@ -21,19 +21,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .data import is_conversational
 from .errors import RewardFunctionError
 from .rewards import REWARD_FUNCS
 
 _NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # TRL passes these separately, never as columns
-
-
-def is_conversational(prompt) -> bool:
-    """True for a chat prompt: a list of {"role", "content"} messages."""
-    return (
-        isinstance(prompt, (list, tuple))
-        and len(prompt) > 0
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------

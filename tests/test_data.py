@@ -206,3 +206,22 @@ def test_repeat_columns_for_scoring():
     cols = repeat_columns(rows, 3)
     assert set(cols) == {"question", "answer"}
     assert cols["answer"] == [ROWS[0]["answer"]] * 3 + [ROWS[1]["answer"]] * 3
+
+
+
+def test_one_conversational_rule_for_generation_and_scoring():
+    """The prompt that gets the chat template (rollout) is the prompt whose completions are scored as chat messages
+    (scoring): a message without "content" after the first, or a tuple of messages, once split the two rules."""
+    from grpo import rollout, scoring
+
+    chat = {"role": "user", "content": "2+3?"}
+    prompts = {  # prompt: conversational under TRL's rule (a list whose first item is a dict with a "role")
+        "text": ("2+3?", False),
+        "empty list": ([], False),
+        "chat": ([chat], True),
+        "tool turn without content": ([chat, {"role": "assistant", "tool_calls": []}], True),
+        "tuple of messages": ((chat,), False),
+    }
+    for name, (prompt, want) in prompts.items():
+        assert rollout.is_conversational(prompt) is want, name
+        assert scoring.is_conversational(prompt) is want, name
