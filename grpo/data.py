@@ -328,9 +328,3 @@ def split_train_eval(rows: list, eval_size: int | float, seed: int) -> tuple[lis
     held = [r for i, r in enumerate(rows) if i in chosen]
     return train, held
 
-
-def repeat_columns(rows: list[dict[str, Any]], num_generations: int) -> dict[str, list]:
-    """Columns of ``rows`` with every value repeated ``num_generations`` times (one per completion), the layout
-    ``score_completions`` expects; ``prompt`` is left out (it is passed separately)."""
-    keys = [k for k in rows[0] if k != "prompt"] if rows else []
-    return {k: [row.get(k) for row in rows for _ in range(num_generations)] for k in keys}

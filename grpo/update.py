@@ -35,12 +35,6 @@ CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/regio
 
 def check_supported(model, args) -> None:
     """Fail early on what the fused loss cannot express."""
-    if args.entropy_coef != 0.0 and not entropy_is_differentiable():
-        raise NotImplementedError(
-            f"entropy_coef={args.entropy_coef}: the entropy bonus needs a differentiable per-token entropy from "
-            "grpo_kernels.linear_logprobs(..., return_entropy=True), and this grpo_kernels returns it detached. "
-            "Use entropy_coef=0.0."
-        )
     config = getattr(model, "config", None)
     for name in ("final_logit_softcapping", "logit_softcapping"):
         if getattr(config, name, None):
@@ -317,15 +311,6 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor 
     gradient_accumulation_steps only (not by a loss type's normalizer); the loss subtracts entropy_coef × it."""
     effective = mask.to(entropy.dtype) if keep is None else mask.to(entropy.dtype) * keep.to(entropy.dtype)
     return (entropy * effective).sum() / effective.sum().clamp(min=1.0) / args.gradient_accumulation_steps
-
-
-def entropy_is_differentiable() -> bool:
-    """Whether gk.linear_logprobs(..., return_entropy=True) gives an entropy that gradients flow through."""
-    import grpo_kernels as gk
-
-    h = torch.randn(2, 3, requires_grad=True)
-    _, ent = gk.linear_logprobs(h, torch.randn(5, 3), torch.tensor([0, 4]), return_entropy=True, backend="torch")
-    return ent.requires_grad
 
 
 def _gather_varlen(values: torch.Tensor) -> torch.Tensor:

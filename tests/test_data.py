@@ -10,7 +10,6 @@ from grpo.data import (
     detect_format,
     load_dataset,
     make_arithmetic_problems,
-    repeat_columns,
     split_train_eval,
     to_prompt_rows,
 )
@@ -199,14 +198,6 @@ def test_split_train_eval():
         split_train_eval(rows, 20, seed=0)
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
         split_train_eval(rows, 1.5, seed=0)
-
-
-def test_repeat_columns_for_scoring():
-    rows = to_prompt_rows(ROWS)
-    cols = repeat_columns(rows, 3)
-    assert set(cols) == {"question", "answer"}
-    assert cols["answer"] == [ROWS[0]["answer"]] * 3 + [ROWS[1]["answer"]] * 3
-
 
 
 def test_one_conversational_rule_for_generation_and_scoring():
