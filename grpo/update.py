@@ -29,6 +29,8 @@ import inspect
 
 import torch
 
+from grpo_kernels.options import CLIPPED_LOSS_TYPES
+
 GLOBAL_NORM_LOSSES = ("dapo", "cispo", "vespo")  # normalized by the generation batch's token count
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
@@ -235,7 +237,7 @@ def micro_step(model, loss_fn, mb, args, world_size: int, skip_zero_signal: bool
     sums = {"entropy": (float(metrics.entropy) * tokens, tokens)}
     if args.beta != 0.0:
         sums["kl"] = (float(metrics.kl) * tokens, tokens)
-    if args.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+    if args.loss_type in CLIPPED_LOSS_TYPES:
         for name, value in zip(CLIP_METRICS, (metrics.clip_ratio_low, metrics.clip_ratio_high, metrics.clip_ratio)):
             sums[name] = (float(value) * clip_count, clip_count)
     elif args.loss_type == "cispo":
@@ -257,7 +259,7 @@ def zero_signal_sums(args, clip_count: float) -> dict[str, tuple[float, float]]:
     `clip_count`; the entropy has no tokens here (count 0), so the logged entropy is the mean over the
     micro-batches with signal (None for a step without any)."""
     sums = {"entropy": (0.0, 0.0)}
-    if args.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+    if args.loss_type in CLIPPED_LOSS_TYPES:
         sums.update({name: (0.0, clip_count) for name in CLIP_METRICS})
     elif args.loss_type == "cispo":
         sums["cispo_clip_ratio"] = (0.0, clip_count)
