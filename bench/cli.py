@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_worker"]:
         worker_entry()
         return 0
+    if argv[:1] == ["_gpu_hardening"]:
+        from .hardening import main as hardening_main
+
+        return hardening_main()
     if argv[:1] == ["_gpu_env"] and len(argv) == 2:
         from .gpu import env_main
 

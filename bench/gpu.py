@@ -43,7 +43,8 @@ SWEEP_FLAGS = ("--preset", "llama3-8b", "--dtype", "bf16", "--budget", "1", "--n
 class Part:
     """One step of the plan: `python <argv>` in the repo root ("{scratch}" is the part's scratch folder).
     `result` is the file the part leaves in scratch (copied to --out); `capture`, when set, is the name under
-    which the part's own output is copied to --out as well."""
+    which the part's own output is copied to --out as well; `inline` puts the part's PASS / FAIL / INFO lines into
+    summary.md instead of a file of their own (the files that come back are limited)."""
 
     name: str
     budget_s: float
@@ -51,6 +52,7 @@ class Part:
     argv: tuple[str, ...]
     result: str | None = None
     capture: str | None = None
+    inline: bool = False
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Outcome:
 
 
 def plan(pytest_timeout: bool | None = None) -> list[Part]:
-    """The parts, their budgets (7.67 minutes in all) and commands."""
+    """The parts, their budgets (8 minutes in all) and commands."""
     if pytest_timeout is None:
         pytest_timeout = importlib.util.find_spec("pytest_timeout") is not None
     tests = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", "--continue-on-collection-errors"]
@@ -74,21 +76,24 @@ def plan(pytest_timeout: bool | None = None) -> list[Part]:
     return [
         Part("env", 35, "GPU, driver, torch, triton, CUDA, clocks; which optional peers import",
              ("-m", "bench", "_gpu_env", "{scratch}/env.json"), result="env.json"),
-        Part("gpu-tests", 75, "pytest -m gpu (each test at most 60 s where pytest-timeout is installed)",
+        Part("gpu-tests", 65, "pytest -m gpu (each test at most 60 s where pytest-timeout is installed)",
              (*tests, "tests"), capture="gpu-tests.txt"),
-        Part("loss-8k", 170, "loss fwd+bwd, llama3-8b bf16, N=8192, zero-advantage 0 and 0.5, every implementation",
+        Part("hardening", 90, "GPU-hardening findings on the device: fp32-output GEMM probe, autocast, NaN rule, a "
+             "launch of every kernel configuration this architecture gets, sizing under a fragmented allocator",
+             ("-m", "bench", "_gpu_hardening"), inline=True),
+        Part("loss-8k", 130, "loss fwd+bwd, llama3-8b bf16, N=8192, zero-advantage 0 and 0.5, every implementation",
              ("-m", "bench", "loss", *SWEEP_FLAGS, "--tokens", "8192", "--zero-adv-frac", "0,0.5", "--impls", LOSS_IMPLS,
               "--worker-timeout", "70", "--out", "{scratch}", "--tag", "loss-llama3-8b-n8k"),
              result="loss-llama3-8b-n8k.json"),
-        Part("loss-64k", 70, "loss fwd+bwd, llama3-8b bf16, N=65536: ours (memory; fused against its 8NHV floor)",
+        Part("loss-64k", 65, "loss fwd+bwd, llama3-8b bf16, N=65536: ours (memory; fused against its 8NHV floor)",
              ("-m", "bench", "loss", *SWEEP_FLAGS, "--tokens", "65536", "--impls", "ours-auto,ours-fused,ours-chunked",
               "--worker-timeout", "45", "--out", "{scratch}", "--tag", "loss-llama3-8b-n64k"),
              result="loss-llama3-8b-n64k.json"),
-        Part("logprobs-16k", 55, "forward-only log-probs, llama3-8b bf16, N=16384",
+        Part("logprobs-16k", 50, "forward-only log-probs, llama3-8b bf16, N=16384",
              ("-m", "bench", "logprobs", *SWEEP_FLAGS, "--tokens", "16384", "--impls", LOGPROBS_IMPLS,
               "--worker-timeout", "30", "--out", "{scratch}", "--tag", "logprobs-llama3-8b-n16k"),
              result="logprobs-llama3-8b-n16k.json"),
-        Part("step", 55, "one GRPO step of the bundled trainer on CUDA (bf16, tiny 2-layer Llama) vs TRL, TRL+gk",
+        Part("step", 45, "one GRPO step of the bundled trainer on CUDA (bf16, tiny 2-layer Llama) vs TRL, TRL+gk",
              ("-m", "bench", "step", "--model", "tiny", "--device", "cuda", "--impls", STEP_VARIANTS, "--steps", "2",
               "--warmup-steps", "1", "--worker-timeout", "40", "--out", "{scratch}", "--tag", "step-tiny"),
              result="step-tiny.json"),
@@ -167,6 +172,7 @@ class Runner:
         self.parts, self.out, self.total_s, self.meta, self.echo = parts, out, total_s, meta, echo
         self.scratch = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
         self.log_lines: list[str] = []
+        self.inline: dict[str, str] = {}  # part name -> its output, for the summary
         self.outcomes = [Outcome(p.name, p.budget_s) for p in parts]
 
     def say(self, line: str) -> None:
@@ -205,6 +211,8 @@ class Runner:
         text = part_log.read_text(errors="replace") if part_log.exists() else ""
         self.log_lines.append(f"----- {part.name} output (last {LOG_TAIL} characters) -----")
         self.log_lines.append(text[-LOG_TAIL:])
+        if part.inline:
+            self.inline[part.name] = text + (f"\n[bench gpu] {oc.status}: {oc.note}\n" if oc.note else "")
         if part.capture:
             (self.scratch / part.capture).write_text(text + (f"\n[bench gpu] {oc.status}: {oc.note}\n" if oc.note else ""))
             oc.files.append(part.capture)
@@ -229,7 +237,9 @@ class Runner:
             self.echo(f"[bench gpu] could not write into {self.out}: {exc}", flush=True)
             return
         try:
-            text = render_summary(self.meta, self.outcomes, load_results(self.scratch, self.parts))
+            results = load_results(self.scratch, self.parts)
+            results.update({name: {"text": text, "inline": True} for name, text in self.inline.items()})
+            text = render_summary(self.meta, self.outcomes, results)
         except Exception:
             text = "# python -m bench gpu\n\nThe summary could not be rendered:\n\n```\n" + traceback.format_exc() + "```\n"
         (self.out / "summary.md").write_text(text)
@@ -309,6 +319,10 @@ def render_summary(meta: dict, outcomes: list[Outcome], results: dict) -> str:
         if oc.name == "gpu-tests" and isinstance(results.get("gpu-tests"), dict) and "text" in results["gpu-tests"]:
             note = (note + "; " if note else "") + _pytest_tail(results["gpu-tests"]["text"]).replace("|", "/")
         lines.append(f"| {oc.name} | {oc.budget_s / 60:.2f} | {oc.status} | {secs} | {', '.join(oc.files) or '-'} | {note} |")
+    hard = results.get("hardening")
+    if isinstance(hard, dict) and "text" in hard:
+        checks = [ln for ln in hard["text"].splitlines() if ln.startswith(("PASS", "FAIL", "INFO", "hardening:"))]
+        lines += ["", "## GPU-hardening checks", "", "```", *(checks or ["(no check line: see gpu.log)"]), "```"]
     loss = combined_loss(results)
     lines += ["", "## Targets (H100, bf16, N=8192, H=4096, V=128256, dapo, beta 0; shown, never asserted)", ""]
     targets = report.gpu_targets(loss) if loss else []

@@ -52,7 +52,7 @@ def compute_advantages(
             f"got {n} rewards, which is not a positive multiple of num_generations={num_generations}: the rewards must "
             f"hold whole groups of {num_generations} consecutive completions per prompt"
         )
-    r = rewards.detach().float()
+    r = rewards.detach().double()  # squares of rewards near float32's limit must not overflow the std
     groups = r.view(-1, num_generations)
     group_mean = torch.nanmean(groups, dim=1, keepdim=True)
     group_std = nanstd(groups, dim=1) if num_generations > 1 else torch.zeros(groups.shape[0], device=r.device)
@@ -63,7 +63,7 @@ def compute_advantages(
         adv = centred / (nanstd(r) + _EPS)
     else:
         adv = centred
-    adv = torch.nan_to_num(adv.reshape(-1), nan=0.0)
+    adv = torch.nan_to_num(adv.reshape(-1), nan=0.0).float()
 
     zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
     scored = r[~torch.isnan(r)]

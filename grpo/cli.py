@@ -425,11 +425,19 @@ def reward_funcs_for(run: dict) -> list:
 # Commands
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_train(argv: list[str]) -> dict:
-    from .trainer import GRPOTrainer
+    from . import run_lock
 
     start = time.perf_counter()
     config, run = build_run(argv)
     check_run(run, config)
+    # One run per output_dir, checked before anything is loaded (see grpo/run_lock.py).
+    with run_lock.holding(config.output_dir, bool(run.get("resume_from_checkpoint")), config.overwrite_output_dir):
+        return _train(config, run, start)
+
+
+def _train(config: GRPOConfig, run: dict, start: float) -> dict:
+    from .trainer import GRPOTrainer
+
     threads = set_num_threads(run.get("num_threads"))
     dataset = run.get("dataset") or "arithmetic"
     train_rows = load_rows(dataset, "train", config, run.get("instruction"))
@@ -462,7 +470,7 @@ def cmd_train(argv: list[str]) -> dict:
         if main:
             print(f"[grpo] before training: {_eval_line(results['before'])}", flush=True)
     trainer.train(resume_from_checkpoint=run.get("resume_from_checkpoint"))
-    if eval_rows:
+    if eval_rows and not trainer.stopped_by_signal:  # stopped early: the resumed run evaluates at its end
         if trainer.last_eval is not None and trainer.last_eval[0] == trainer.step:  # eval_steps just did it
             results["after"] = trainer.last_eval[1]  # and printed it
         elif "after" in earlier and earlier.get("steps") == trainer.step:  # a finished run, resumed: no new step
@@ -569,16 +577,20 @@ def _debug_asked(argv: list[str]) -> bool:
 
 def _run_command(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        cmd_train(rest)
-    elif command == "eval":
-        cmd_eval(rest)
-    elif command == "export":
-        cmd_export(rest)
-    else:
-        close = difflib.get_close_matches(command, ["train", "eval", "export"], n=1)
-        raise SystemExit(f"grpo: unknown command {command!r}; use 'train', 'eval' or 'export'"
-                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    try:
+        if command == "train":
+            cmd_train(rest)
+        elif command == "eval":
+            cmd_eval(rest)
+        elif command == "export":
+            cmd_export(rest)
+        else:
+            close = difflib.get_close_matches(command, ["train", "eval", "export"], n=1)
+            raise SystemExit(f"grpo: unknown command {command!r}; use 'train', 'eval' or 'export'"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+    except KeyboardInterrupt as e:  # a second SIGINT during training (see grpo/signals.py), or one outside it
+        print(f"grpo: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     return 0
 
 

@@ -25,7 +25,8 @@ Fields TRL 1.16 does not have (``OURS_ONLY``): ``max_prompt_length`` (512, the s
 left-truncated; TRL 1.16 never truncates prompts, ``None`` does the same here), ``system_prompt``,
 ``attn_implementation`` (TRL: inside ``model_init_kwargs``), ``warmup_ratio`` (transformers 5 folded it into
 ``warmup_steps``), ``eval_max_samples``, ``eval_temperature``, ``disable_progress_bar`` (transformers:
-``disable_tqdm``), ``kernel_backend``, ``kernel_strategy``, ``kernel_chunk_size``.
+``disable_tqdm``), ``kernel_backend``, ``kernel_strategy``, ``kernel_chunk_size``, ``overwrite_output_dir``
+(transformers' name, dropped from its TrainingArguments in version 5), ``max_unscorable_steps``.
 
 Behaviour that differs from TRL 1.16 with equal settings (docs/trainer.md, "Defaults and TRL 1.16"): position ids
 count from the first real token of a left-padded row, as ``generate`` does (TRL passes none when it scores
@@ -64,7 +65,8 @@ DIFFERS_FROM_TRL = {
     "bf16": "auto: True only on a CUDA device with bf16 (TRL: True, which refuses a CPU without use_cpu)",
 }
 OURS_ONLY = ("max_prompt_length", "system_prompt", "attn_implementation", "warmup_ratio", "eval_max_samples",
-             "eval_temperature", "disable_progress_bar", "kernel_backend", "kernel_strategy", "kernel_chunk_size")
+             "eval_temperature", "disable_progress_bar", "kernel_backend", "kernel_strategy", "kernel_chunk_size",
+             "overwrite_output_dir", "max_unscorable_steps")
 
 # Fields derived in __post_init__: to_dict() writes what the user gave, so that from_dict(to_dict()) rebuilds the
 # same config (possibly under another WORLD_SIZE) instead of tripping over "both set".
@@ -78,6 +80,9 @@ class GRPOConfig:
         default="runs/grpo",
         metadata={"help": "where metrics.jsonl, reward_curve.png, eval_results.json and checkpoints go"},
     )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": (
+        "start a fresh run in an output_dir that holds an earlier run's checkpoints, deleting them (without it, "
+        "such a run is refused: resume it with --resume_from_checkpoint)")})
 
     # --- model and reference model --------------------------------------------------------------------------------
     beta: float = field(default=0.0, metadata={"help": "KL coefficient; 0 = no reference model is loaded"})
@@ -129,6 +134,9 @@ class GRPOConfig:
         default="group", metadata={"help": "divide advantages by the reward std of: group | batch | none"})
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "one weight per reward function, comma-separated; None = all 1"})
+    max_unscorable_steps: int | None = field(default=10, metadata={"help": (
+        "stop with an error after this many steps in a row in which no completion could be scored (every reward "
+        "function returned None); each such step is warned about; None = never stop")})
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "exclude completions that hit max_completion_length from the loss"})
     top_entropy_quantile: float = field(
@@ -384,6 +392,10 @@ class GRPOConfig:
         _check_fsdp(self.fsdp)
 
         _check_int("logging_steps", self.logging_steps, 1)
+        if self.max_unscorable_steps is not None:
+            _check_int("max_unscorable_steps", self.max_unscorable_steps, 1, hint="use None to never stop")
+        if not isinstance(self.overwrite_output_dir, bool):
+            raise ValueError(f"overwrite_output_dir must be True or False, got {self.overwrite_output_dir!r}")
         _check_int("save_steps", self.save_steps, 1)
         if self.save_total_limit is not None:
             _check_int("save_total_limit", self.save_total_limit, 1, hint="use None to keep every checkpoint")

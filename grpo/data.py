@@ -242,6 +242,19 @@ def make_arithmetic_problems(n: int, seed: int, split: str = "train") -> list[di
 # Formatting
 
 
+def check_prompts(rows: list[dict], what: str = "dataset") -> None:
+    """Refuse empty prompts, naming the row: an empty prompt would train on a completion of a pad token."""
+    for i, row in enumerate(rows):
+        prompt = row.get("prompt")
+        if isinstance(prompt, (list, tuple)):
+            empty = not any(isinstance(m, dict) and str(m.get("content") or "").strip() for m in prompt)
+        else:
+            empty = prompt is None or not str(prompt).strip()
+        if empty:
+            raise ValueError(f"{what} row {i + 1} (counting from 1) has an empty prompt {prompt!r}: every row needs "
+                             "a non-empty prompt; remove or fix that row")
+
+
 def detect_format(rows: list[dict]) -> str:
     """'prompt' (a ready prompt column), 'gsm8k' (question + answer) or 'math' (problem + solution/answer)."""
     if not rows or not isinstance(rows[0], dict):
@@ -295,6 +308,8 @@ def to_prompt_rows(
                 out.append({**row, "prompt": messages})
                 continue
             text = str(prompt)
+            if not text.strip():
+                raise ValueError(f"row {i + 1}: empty prompt {prompt!r}; every row needs a non-empty prompt")
         else:
             text = row.get("question") if fmt == "gsm8k" else row.get("problem", row.get("question"))
             if not isinstance(text, str) or not text.strip():

@@ -14,3 +14,16 @@ class UserError(ValueError):
 class RewardFunctionError(UserError, RuntimeError):
     """A reward function raised: the message names it; the original exception is the __cause__ (--debug shows
     its traceback). Also a RuntimeError, what this error was before it had its own class."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written or read: the message names the checkpoint, the file, the cause, and the
+    newest complete earlier checkpoint to resume from (see grpo/checkpoint.py)."""
+
+
+class RunLockedError(UserError):
+    """The output directory is in use by another run, or holds an earlier run's checkpoints (grpo/run_lock.py)."""
+
+
+class UnscorableRewardsError(UserError):
+    """No completion could be scored for max_unscorable_steps steps in a row: training had no learning signal."""

@@ -261,7 +261,7 @@ def _load(name_or_path: str, kwargs: dict, attn_implementation: str | None, seed
         model, tokenizer = lora.load_with_adapter(folder, lambda base: _load(base, kwargs, attn_implementation, seed))
         if (folder / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(folder)
-    elif (folder / "dcp").is_dir() and not list(folder.glob("*.safetensors")):
+    elif (folder / "dcp").is_dir() and not list(folder.glob("model*.safetensors")):  # not rng_state.safetensors
         # An intermediate checkpoint of an FSDP run: the weights exist only as DCP shards; read them in one process.
         from transformers import AutoConfig
 

@@ -91,18 +91,30 @@ def prompt_text(tokenizer, prompt: Any) -> str:
     return prompt
 
 
-def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None = None) -> list[list[int]]:
-    """Token ids per prompt; longer than max_prompt_length keeps the last tokens (the question's end)."""
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None = None,
+                     truncated: list[bool] | None = None) -> list[list[int]]:
+    """Token ids per prompt; longer than max_prompt_length keeps the last tokens (the question's end).
+    `truncated`, when given, receives one flag per prompt: whether it was cut."""
     ids = []
     for p in prompts:
         if is_conversational(p):  # the template already holds any BOS it wants
             tokens = tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
         else:
             tokens = tokenizer(prompt_text(tokenizer, p))["input_ids"]
-        if max_prompt_length is not None and len(tokens) > max_prompt_length:
+        cut = max_prompt_length is not None and len(tokens) > max_prompt_length
+        if cut:
             tokens = tokens[-max_prompt_length:]
+        if truncated is not None:
+            truncated.append(cut)
         ids.append(list(tokens))
     return ids
+
+
+def truncation_warning(step: int, cut: torch.Tensor, max_prompt_length: int) -> str:
+    """The one warning a run gives when prompts start being cut (prompts/truncated_fraction counts them)."""
+    return (f"[grpo] warning: step {step}: {int(cut.sum())} of {cut.numel()} prompts are longer than "
+            f"max_prompt_length={max_prompt_length} tokens and lose their beginning (e.g. a system message or "
+            "role tag); raise max_prompt_length or shorten them (metric prompts/truncated_fraction)")
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -185,6 +197,7 @@ class Rollout:
     ref_logps: torch.Tensor | None = None
     num_items_in_batch: float = 0.0  # completion tokens of the whole generation batch, all ranks
     extra: dict = field(default_factory=dict)  # per-completion logging (rewards, advantages)
+    is_prompt_truncated: torch.Tensor | None = None  # bool: the prompt was cut to max_prompt_length
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -247,7 +260,8 @@ def generate_rollout(model, tokenizer, rows: list[dict], args, generate_fn=hf_ge
     """Sample one completion per row (rows already repeated num_generations times) and pack the batch."""
     device = next(model.parameters()).device
     prompts = [r["prompt"] for r in rows]
-    prompt_ids = tokenize_prompts(tokenizer, prompts, args.max_prompt_length)
+    prompt_cut: list[bool] = []
+    prompt_ids = tokenize_prompts(tokenizer, prompts, args.max_prompt_length, truncated=prompt_cut)
     eos_ids = eos_token_ids(model, tokenizer)
     max_new = args.max_completion_length or 256
     completion_lists = generate_fn(model, tokenizer, prompt_ids, max_new, eos_ids, sampling_kwargs(args))
@@ -263,4 +277,4 @@ def generate_rollout(model, tokenizer, rows: list[dict], args, generate_fn=hf_ge
         c_mask = c_mask * (~truncated).unsqueeze(1).long()
     return Rollout(rows=rows, prompts=prompts, completions=completions, completion_id_lists=completion_lists,
                    prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
-                   is_truncated=truncated)
+                   is_truncated=truncated, is_prompt_truncated=torch.tensor(prompt_cut, device=device))

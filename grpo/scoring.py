@@ -22,10 +22,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .data import is_conversational
-from .errors import RewardFunctionError
+from .errors import RewardFunctionError, UnscorableRewardsError
 from .rewards import REWARD_FUNCS
 
 _NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # TRL passes these separately, never as columns
+_MAX_REWARD = float(torch.finfo(torch.float32).max)  # rewards are held in float32: larger ones would become inf
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -255,7 +256,13 @@ def score_completions(
                 raise RewardFunctionError(f"reward function {name!r} raised {type(result).__name__}: {result}") from result
             out[:, j] = _check_rewards(result, n, name)
 
-    total = (out * weights.unsqueeze(0)).nansum(dim=1)
+    total64 = (out.double() * weights.double().unsqueeze(0)).nansum(dim=1)
+    total = total64.float()
+    overflow = torch.isinf(total).nonzero()
+    if len(overflow):
+        i = int(overflow[0])
+        raise ValueError(f"the weighted sum of the rewards of completion {i} is {float(total64[i]):.3g}, beyond "
+                         f"float32's range: scale the reward functions or reward_weights down")
     total[torch.isnan(out).all(dim=1)] = float("nan")
     return out, total
 
@@ -282,11 +289,36 @@ def _check_rewards(result, n: int, name: str) -> torch.Tensor:
             r = r.item()
         if isinstance(r, bool) or not isinstance(r, (int, float)):
             raise ValueError(f"reward function {name!r} returned {r!r} at index {i}; rewards must be numbers or None")
-        if math.isinf(r):
-            raise ValueError(f"reward function {name!r} returned {r} at index {i}; rewards must be finite "
-                             "(None marks a completion that cannot be scored)")
+        if not math.isfinite(r) or abs(r) > _MAX_REWARD:
+            beyond = f" (beyond float32's range, {_MAX_REWARD:.3g})" if math.isfinite(r) else ""
+            raise ValueError(f"reward function {name!r} returned {r} at index {i}{beyond}; rewards must be finite "
+                             "numbers (None marks a completion that cannot be scored)")
         values.append(float(r))
     return torch.tensor(values, dtype=torch.float32)
+
+
+class UnscorableWatch:
+    """Counts consecutive generation batches in which no completion could be scored (every reward function
+    returned None for every completion): such a batch has no learning signal (reward null, loss 0). Each one is
+    reported; `max_steps` of them in a row (None = never) stop training with an UnscorableRewardsError."""
+
+    def __init__(self, max_steps: int | None):
+        self.max_steps, self.in_a_row = max_steps, 0
+
+    def update(self, total: torch.Tensor, step: int) -> str | None:
+        """`total`: the whole generation batch's rewards (NaN = not scorable). A warning line, or None."""
+        if total.numel() == 0 or not bool(torch.isnan(total).all()):
+            self.in_a_row = 0
+            return None
+        self.in_a_row += 1
+        if self.max_steps is not None and self.in_a_row >= self.max_steps:
+            raise UnscorableRewardsError(
+                f"no completion could be scored in {self.in_a_row} consecutive steps (every reward function returned "
+                f"None for all of them, up to step {step}): training has no learning signal. Check the reward "
+                "functions and the dataset columns they read (max_unscorable_steps sets this limit)")
+        limit = f"; training stops after {self.max_steps} in a row" if self.max_steps is not None else ""
+        return (f"[grpo] warning: step {step}: none of the {total.numel()} completions could be scored (every reward "
+                f"function returned None): no learning signal from this batch ({self.in_a_row} in a row{limit})")
 
 
 def _run_concurrently(awaitables: list) -> list:

@@ -5,7 +5,8 @@
     advantages.py
     update.py      (3) old / reference log-probs  (4) loss + backward  time/update
     logger.py      (5) metrics.jsonl, progress bar, TensorBoard, completions.jsonl, reward_curve.png
-    checkpoint.py  (6) atomic checkpoints and exact resume
+    checkpoint.py  (6) atomic checkpoints and exact resume (run_lock.py: one run per output_dir;
+                       signals.py: SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop)
     evaluate.py    (7) held-out accuracy
     distributed.py (8) several processes: gathers and gradient averaging
 
@@ -31,7 +32,8 @@ from types import SimpleNamespace
 import torch
 
 from . import advantages as adv_lib
-from . import checkpoint, distributed, fsdp, lora, rollout, scoring, update
+from . import checkpoint, distributed, fsdp, lora, rollout, run_lock, scoring, signals, update
+from . import data
 from . import evaluate as eval_lib
 from . import model as model_lib
 from .config import GRPOConfig
@@ -107,11 +109,20 @@ class GRPOTrainer:
         self._early_evals: list[tuple[int, dict]] = []
         self.last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluate()
         self.generate_fn = rollout.hf_generate  # the sampler; tests may swap in a deterministic one
+        self.stopped_by_signal: str | None = None  # set when a signal stopped train() early (after a checkpoint)
+        self.unscorable = scoring.UnscorableWatch(args.max_unscorable_steps)
+        self._said_prompts_cut = False
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | None = None) -> list[dict]:
+        """Train to max_steps (or until a stop signal: see signals.py), holding output_dir's run lock."""
+        with run_lock.claim(self.args.output_dir, self.dist, bool(resume_from_checkpoint),
+                            self.args.overwrite_output_dir), signals.StopOnSignal(self.dist) as self._stop:
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint: str | None) -> list[dict]:
         args, info = self.args, self.dist
         gas, spg = args.gradient_accumulation_steps, args.steps_per_generation
         generate_every = spg * args.num_iterations  # micro-steps between two generation batches
@@ -221,10 +232,17 @@ class GRPOTrainer:
                 self.logger.write(f"[eval step {self.step}] accuracy={self.last_eval[1]['eval/accuracy']:.3f} "
                                   f"reward={self.last_eval[1]['eval/reward']:.3f}")
 
-            # (6) Checkpoint every save_steps and at the end.
-            if self.step % args.save_steps == 0 or self.step == self.max_steps:
+            # (6) Checkpoint every save_steps and at the end, and before stopping on a signal (any rank's).
+            stop = self._stop.agreed()
+            if self.step % args.save_steps == 0 or self.step == self.max_steps or stop:
                 self.logger.phase("saving", self.step)
                 self.save_checkpoint()
+            if stop:  # (also at the last step: the command line then skips its final evaluation)
+                self.stopped_by_signal = self._stop.reason()
+                folder = Path(args.output_dir) / f"{checkpoint.PREFIX}{self.step}"
+                self.logger.write(f"[grpo] {self.stopped_by_signal}: stopped after step {self.step}/{self.max_steps} "
+                                  f"and saved {folder}; continue with --resume_from_checkpoint {folder}")
+                break
 
         self.plot_reward_curve()
         self.logger.close()
@@ -243,6 +261,9 @@ class GRPOTrainer:
                                                     trainer_state=state)
         per_func_all = distributed.all_gather_tensor(per_func.to(device), info).cpu()
         total_all = distributed.all_gather_tensor(total.to(device), info).cpu()
+        warning = self.unscorable.update(total_all, self.step + 1)  # raises after max_unscorable_steps in a row
+        if warning:
+            self.logger.write(warning)
         advantages, reward_stats = adv_lib.compute_advantages(total_all, args.num_generations, args.scale_rewards)
         batch.advantages = rollout.rank_slice(advantages, info.rank, info.world_size).to(device)
 
@@ -262,6 +283,12 @@ class GRPOTrainer:
             "completions/max_length": lengths_all.max().item(),
             "completions/clipped_ratio": truncated_all.mean().item(),
         })
+        if batch.is_prompt_truncated is not None:  # prompts cut to max_prompt_length: counted, and said once
+            cut_all = distributed.all_gather_tensor(batch.is_prompt_truncated.to(torch.float64), info)
+            self.logger.add("prompts/truncated_fraction", cut_all.mean().item())
+            if cut_all.any() and not self._said_prompts_cut:
+                self._said_prompts_cut = True
+                self.logger.write(rollout.truncation_warning(self.step + 1, cut_all, args.max_prompt_length))
         if args.log_completions:
             everything = distributed.all_gather_object((batch.prompts, batch.completions), info)
             prompts = [p for g in everything for p in g[0]]
@@ -403,6 +430,7 @@ class GRPOTrainer:
         if "prompt" not in rows[0]:
             raise ValueError(f"{what} rows need a 'prompt' column (a string or a list of chat messages); "
                              f"got columns {sorted(rows[0])}")
+        data.check_prompts(rows, what)
         system = self.args.system_prompt
         if system:
             for r in rows:

@@ -14,9 +14,11 @@ from . import vocab_parallel
 from .backends import get_ops, resolve_backend
 from .plan import make_plan
 from .metrics import LossMetrics
+from .no_autocast import no_autocast
 from .options import LossOptions
 from .sizing import size_call
-from .strategies import ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, forward_stats, loss_parts
+from .strategies import (ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, forward_stats, loss_parts,
+                         retry_smaller_chunks)
 
 Tensor = torch.Tensor
 
@@ -42,11 +44,17 @@ def _on_device_of(arg: str):
     return wrap
 
 
+def _hidden_grad_rows(hidden: Tensor, rows: int) -> int:
+    """Rows of the d_hidden buffer a call holds (sizing counts it): all of them when hidden needs a gradient."""
+    return rows if torch.is_grad_enabled() and hidden.requires_grad else 0
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @_on_device_of("hidden")
+@no_autocast
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
                     temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto",
                     strategy: str = "auto", chunk_size: Optional[int] = None, validate: bool = True,
@@ -78,9 +86,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     N = flat.numel()
     wgrad = torch.is_grad_enabled() and weight.requires_grad
     size = size_call("linear_logprobs", opts.strategy, opts.chunk_size, N, V, H, hidden.dtype, hidden.device,
-                     backend == "torch", wgrad)
-    logp, entropy = LinearLogprobs.apply(h2d, weight, bias, flat, float(temperature), return_entropy, size.strategy,
-                                         ops, size.chunk_size)
+                     backend == "torch", wgrad, _hidden_grad_rows(hidden, N))
+    (logp, entropy), _ = retry_smaller_chunks(
+        lambda rows: LinearLogprobs.apply(h2d, weight, bias, flat, float(temperature), return_entropy, size.strategy,
+                                          ops, rows), size.chunk_size, opts.chunk_size is not None, "linear_logprobs")
     logp = logp.reshape(targets.shape)
     if return_entropy:
         return logp, entropy.reshape(targets.shape)
@@ -99,6 +108,7 @@ def _check_grpo_inputs(ids, attention_mask, advantages, old, ref, vllm_is_ratio,
 
 class _LossFromLogprobs(torch.autograd.Function):
     @staticmethod
+    @no_autocast
     def forward(ctx, logp_flat, plan, opts, ops, grad_on: bool):
         parts = None
         grad = torch.zeros_like(logp_flat)
@@ -116,12 +126,14 @@ class _LossFromLogprobs(torch.autograd.Function):
                 parts.clip_low / clip_den, parts.clip_high / clip_den)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, *unused):
         (grad,) = ctx.saved_tensors
         return grad * grad_loss, None, None, None, None
 
 
 @_on_device_of("per_token_logps")
+@no_autocast
 def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tensor,
               old_per_token_logps: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
               vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None, **loss_options):
@@ -166,6 +178,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, selected_token_ids: T
 
 
 @_on_device_of("hidden")
+@no_autocast
 def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_ids, attention_mask, advantages, bias,
                             ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
                             num_items_in_batch, process_group=None):
@@ -202,17 +215,23 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
     # Sized by the rows the GEMMs actually see: the active rows, or the skipped rows' entropy pass when it is larger
     # (with every advantage 0 that pass is all there is).
     wgrad = torch.is_grad_enabled() and weight.requires_grad
+    h2d = hidden.reshape(-1, H)
     size = size_call("fused_linear_grpo_loss", opts.strategy, opts.chunk_size,
                      max(plan.num_rows, plan.num_entropy_rows), V, H, hidden.dtype, hidden.device,
-                     backend == "torch", wgrad)
+                     backend == "torch", wgrad, _hidden_grad_rows(hidden, h2d.shape[0]))
     strategy, chunk = size.strategy, size.chunk_size
+    given = opts.chunk_size is not None
+    what = "fused_linear_grpo_loss"
     if ref_from_model:  # reference log-probs of the tokens that need them, without grad
+        ref_h = ref_input.reshape(-1, ref_input.shape[-1]).index_select(0, plan.rows)
+        ref_t = plan.targets.index_select(0, plan.rows)
         with torch.no_grad():
-            ref_h = ref_input.reshape(-1, ref_input.shape[-1]).index_select(0, plan.rows)
-            _, ref_rows, _ = forward_stats(ref_h, ref_weight, ref_bias, plan.targets.index_select(0, plan.rows),
-                                           opts.temperature, False, strategy, ops, chunk)
+            (_, ref_rows, _), chunk = retry_smaller_chunks(
+                lambda rows: forward_stats(ref_h, ref_weight, ref_bias, ref_t, opts.temperature, False, strategy, ops,
+                                           rows), chunk, given, what)
         plan.ref = torch.zeros_like(plan.mask).index_copy_(0, plan.rows, ref_rows.to(plan.mask.dtype))
     fn = FusedGRPOLoss if strategy == "fused" else ChunkedGRPOLoss
-    loss, kl, clip, low, high, entropy = fn.apply(hidden.reshape(-1, H), weight, bias, plan, opts, ops, chunk, kl_on,
-                                                  torch.is_grad_enabled())
+    grad_on = torch.is_grad_enabled()
+    (loss, kl, clip, low, high, entropy), _ = retry_smaller_chunks(
+        lambda rows: fn.apply(h2d, weight, bias, plan, opts, ops, rows, kl_on, grad_on), chunk, given, what)
     return loss, LossMetrics(kl, clip, low, high, entropy)

@@ -132,6 +132,11 @@ def token_loss_and_grad(logp: Tensor, terms: TokenTerms, opts: LossOptions, need
     loss = (w * l0).sum()
     if kl is not None:
         loss = loss + opts.beta * (w * kl).sum()
+    # NaN rule: a non-finite logp of a live token makes the loss and its gradient NaN, as autograd's
+    # exp(logp - logp.detach()) does; the closed form above drops logp where the ratio is 1 (no old log-probs) or
+    # where a coefficient is 0, so add 0 * (logp - logp): 0 for a finite logp (the values do not change), NaN else.
+    nan_guard = logp - logp
+    loss = loss + nan_guard.sum()
 
     grad = None
     if need_grad:
@@ -147,6 +152,7 @@ def token_loss_and_grad(logp: Tensor, terms: TokenTerms, opts: LossOptions, need
             grad = seq_dr[terms.seq] * m + direct
         else:
             grad = via_r * r + direct
+        grad = grad + nan_guard
 
     kl_sum = (m * kl).sum() if kl is not None else logp.new_zeros(())
     region = low | high

@@ -1,14 +1,19 @@
 """How a call is sized: which strategy runs and how many token rows one chunk of logits holds.
 
 Memory a call may use on a GPU = what the driver reports free + what PyTorch's caching allocator holds but has not
-handed out (reserved - allocated): in a training loop most reusable memory sits in that cache, and
-`mem_get_info` alone would see almost none of it.
+handed out (reserved - allocated), less the cache's inactive split blocks (free pieces of partly used segments:
+the chunk needs one contiguous block, and those pieces cannot hold it). In a training loop most reusable memory
+sits in that cache, and `mem_get_info` alone would see almost none of it. It is a snapshot that a colocated vLLM
+or another process can consume before the chunk is allocated: an OutOfMemoryError in the first chunk halves the
+chunk rows and retries (`strategies.retry_smaller_chunks`), down to CHUNK_FLOOR, before the error below.
 
 What the chunked strategy holds beyond its inputs and outputs:
-  - the chunk buffer: fp32 [rows, V] for every input dtype (the 16-bit dL/dlogits are written into the same
-    storage); backend="torch" adds its epilogue's fp32 temporaries of the chunk;
-  - the fp32 [V, H] dW accumulator, only when there is more than one chunk and the weight needs a gradient
-    (with one chunk the dW GEMM writes the result directly).
+  - the chunk buffer: fp32 [rows, round_up(V, 16)] for every input dtype (the 16-bit dL/dlogits are written into
+    the same storage); backend="torch" adds its epilogue's fp32 temporaries of the chunk;
+  - d_hidden [N, H] in the hidden states' dtype, when hidden needs a gradient;
+  - when the weight needs a gradient: with more than one chunk the fp32 [V, H] dW accumulator and, for 16-bit
+    weights, its final cast copy [V, H] in the weight's dtype; with one chunk the [V, H] dW in the weight's dtype
+    that the dW GEMM writes beside the buffer.
 
 Rules (docs/design.md, "Sizing"):
   - chunk rows: all rows in one chunk if they fit; else as many as fit, at most CHUNK_CAP_BYTES of buffer (larger
@@ -24,10 +29,11 @@ Set GRPO_KERNELS_DEBUG=1 (or enable DEBUG on the "grpo_kernels" logger) to log e
 Why chunked whenever it fits (the cost models in kernels/fused_forward.py and kernels/fused_backward.py; llama3-8b
 head H = 4096, V = 128256, bf16, H100: ~800 TFLOP/s bf16 GEMM, 3.35 TB/s HBM; no GPU measurement of either
 strategy at these shapes exists yet):
-  - chunked: 6*N*H*V FLOPs in cuBLAS GEMMs, plus ~14 bytes of HBM per logit for the chunk buffer (fp32 written,
-    read, 16-bit dL/dlogits written, read by two GEMMs) and three reads of W per chunk:
-        N = 8192:  32 ms GEMM + 4.4 ms buffer + 1.9 ms W  ~  38 ms;
-        N = 65536: 258 ms GEMM + 35 ms buffer + 12 ms W  ~ 305 ms.
+  - chunked: 6*N*H*V FLOPs in cuBLAS GEMMs, plus ~18 bytes of HBM per logit for the chunk buffer (fp32 written
+    by the GEMM, read by the stats epilogue, read again by the dlogits epilogue, 16-bit dL/dlogits written, read
+    by two GEMMs: 4 + 4 + 4 + 2 + 2 + 2) and three reads of W per chunk:
+        N = 8192:  32 ms GEMM + 5.6 ms buffer + 1.9 ms W  ~  40 ms;
+        N = 65536: 258 ms GEMM + 45 ms buffer + 12 ms W  ~ 315 ms.
     Even a CHUNK_FLOOR-row chunk stays GEMM-bound (4 ms of GEMM against 0.9 ms of W reads), so any chunk size
     the rules allow keeps this cost.
   - fused: 8*N*H*V FLOPs plus N*V*H/64 fp32 atomic adds in the backward (2.15 TB of read-modify-write at
@@ -78,23 +84,48 @@ def _elt(dtype: torch.dtype) -> int:
 
 
 def chunk_row_bytes(vocab: int, dtype: torch.dtype, torch_epilogue: bool) -> int:
-    """Bytes one token row of a chunk costs: the fp32 buffer row, plus the torch epilogue's temporaries in the
-    buffer's dtype (two, plus the fp32 upcast of a 16-bit buffer)."""
-    per_row = vocab * _elt(dtype)
+    """Bytes one token row of a chunk costs: the fp32 buffer row (row stride round_up(V, 16)), plus the torch
+    epilogue's temporaries in the buffer's dtype (two, plus the fp32 upcast of a 16-bit buffer)."""
+    from .torch_ops import row_stride  # torch_ops imports this module lazily
+    per_row = row_stride(vocab) * _elt(dtype)
     if torch_epilogue:
         per_row += vocab * _elt(dtype) * (2 if dtype in (torch.float32, torch.float64) else 3)
     return per_row
 
 
 def accumulator_bytes(vocab: int, hidden: int, dtype: torch.dtype, weight_grad: bool) -> int:
-    """The [V, H] dW accumulator that exists when there is more than one chunk and the weight needs a gradient."""
-    return vocab * hidden * _elt(dtype) if weight_grad else 0
+    """What dW costs beside the chunks when there is more than one chunk and the weight needs a gradient: the fp32
+    [V, H] accumulator, plus its final cast copy in the weight's dtype (none for fp32/fp64 weights)."""
+    if not weight_grad:
+        return 0
+    cast = vocab * hidden * dtype.itemsize if dtype in (torch.float16, torch.bfloat16) else 0
+    return vocab * hidden * _elt(dtype) + cast
+
+
+def single_chunk_weight_bytes(vocab: int, hidden: int, dtype: torch.dtype, weight_grad: bool) -> int:
+    """With one chunk: the [V, H] dW the GEMM writes in the weight's dtype, beside the chunk buffer."""
+    return vocab * hidden * dtype.itemsize if weight_grad else 0
+
+
+def hidden_grad_bytes(rows: int, hidden: int, dtype: torch.dtype) -> int:
+    """d_hidden [rows, H] in the hidden states' dtype (rows = 0 when hidden needs no gradient)."""
+    return int(rows) * hidden * dtype.itemsize
+
+
+def inactive_split_bytes(device: torch.device) -> int:
+    """Free pieces of the caching allocator's partly used segments: counted in reserved - allocated, but no
+    allocation larger than the piece can use them."""
+    try:
+        return int(torch.cuda.memory_stats(device).get("inactive_split_bytes.all.current", 0))
+    except (RuntimeError, AssertionError):  # allocator stats unavailable (e.g. another allocator backend)
+        return 0
 
 
 def available_bytes(device: torch.device) -> int:
-    """Driver-free memory plus what PyTorch's caching allocator holds unused on `device`."""
+    """Driver-free memory plus what PyTorch's caching allocator holds unused on `device`, less its inactive
+    split blocks."""
     free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - inactive_split_bytes(device)
     return int(free) + max(0, int(cached))
 
 
@@ -120,12 +151,21 @@ def _balanced(n: int, max_rows: int) -> int:
 
 
 def default_chunk_size(num_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                       torch_epilogue: bool = False, weight_grad: bool = True) -> int:
+                       torch_epilogue: bool = False, weight_grad: bool = True, hidden_grad_rows: int = 0) -> int:
     """Rows per chunk of the chunked strategy for `num_rows` token rows (see the module docstring)."""
-    return _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad)[0]
+    return _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad, hidden_grad_rows)[0]
 
 
-def _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad) -> tuple[int, str]:
+def chunk_oom_message(device, n: int, rows: int, per_row: int, fixed: int, vocab: int, hidden: int, what: str) -> str:
+    return (f"grpo_kernels: the chunked strategy needs {_gib(rows * per_row + fixed)} on {device} for {n} token "
+            f"rows (a {rows}-row chunk of V={vocab} fp32 logits: {_gib(rows * per_row)}"
+            + (f"; beside it the gradients' buffers (dW accumulator [{vocab}, {hidden}] and its cast, d_hidden): "
+               f"{_gib(fixed)}" if fixed else "") + f") but {what}. Pass strategy='fused' (O(tokens) extra memory), "
+            "a smaller chunk_size, or free memory.")
+
+
+def _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad,
+                hidden_grad_rows=0) -> tuple[int, str]:
     n = max(int(num_rows), 1)
     per_row = chunk_row_bytes(vocab, dtype, torch_epilogue)
     if device.type != "cuda":
@@ -134,21 +174,19 @@ def _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_g
     avail = available_bytes(device)
     usable = int(avail * USABLE_FRACTION)
     where = f"{_gib(avail)} available on {device} (driver free + PyTorch cache), {USABLE_FRACTION:.0%} usable"
-    if n * per_row <= min(usable, CHUNK_CAP_BYTES):
-        return n, f"all {n} rows fit in one chunk ({_gib(n * per_row)}); {where}"
-    acc = accumulator_bytes(vocab, hidden, dtype, weight_grad)
-    max_rows = min(usable - acc, CHUNK_CAP_BYTES) // per_row
+    d_hidden = hidden_grad_bytes(hidden_grad_rows, hidden, dtype)
+    one = n * per_row
+    if one <= CHUNK_CAP_BYTES and one + d_hidden + single_chunk_weight_bytes(vocab, hidden, dtype, weight_grad) <= usable:
+        return n, f"all {n} rows fit in one chunk ({_gib(one)}); {where}"
+    fixed = accumulator_bytes(vocab, hidden, dtype, weight_grad) + d_hidden
+    max_rows = min(usable - fixed, CHUNK_CAP_BYTES) // per_row
     floor = min(CHUNK_FLOOR, n)
     if max_rows < floor:
-        raise torch.cuda.OutOfMemoryError(
-            f"grpo_kernels: the chunked strategy needs {_gib(floor * per_row + acc)} on {device} for {n} token rows "
-            f"(a {floor}-row chunk of V={vocab} fp32 logits: {_gib(floor * per_row)}"
-            + (f"; the fp32 dW accumulator [{vocab}, {hidden}]: {_gib(acc)}" if acc else "")
-            + f") but only {_gib(usable)} of {_gib(avail)} available is usable. Pass strategy='fused' (O(tokens) "
-            "extra memory), a smaller chunk_size, or free memory.")
+        raise torch.cuda.OutOfMemoryError(chunk_oom_message(
+            device, n, floor, per_row, fixed, vocab, hidden, f"only {_gib(usable)} of {_gib(avail)} available is usable"))
     rows = _balanced(n, max_rows)
     why = (f"{-(-n // rows)} chunks of <= {rows} rows ({_gib(rows * per_row)} each"
-           + (f", + {_gib(acc)} dW accumulator" if acc else "") + f"); {where}")
+           + (f", + {_gib(fixed)} of dW accumulator / d_hidden" if fixed else "") + f"); {where}")
     return rows, why
 
 
@@ -169,15 +207,18 @@ def _strategy(strategy, num_rows, vocab, hidden, dtype, device, torch_epilogue, 
 
 
 def size_call(what: str, strategy: str, chunk_size: Optional[int], num_rows: int, vocab: int, hidden: int,
-              dtype: torch.dtype, device: torch.device, torch_epilogue: bool, weight_grad: bool) -> Sizing:
-    """Strategy and chunk rows for one call (a given chunk_size is used as is); logged at DEBUG level."""
+              dtype: torch.dtype, device: torch.device, torch_epilogue: bool, weight_grad: bool,
+              hidden_grad_rows: int = 0) -> Sizing:
+    """Strategy and chunk rows for one call (a given chunk_size is used as is); logged at DEBUG level.
+    hidden_grad_rows: rows of d_hidden when hidden needs a gradient (0 otherwise)."""
     strat, why_s = _strategy(strategy, num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad)
     if strat != "chunked":
         chunk, why_c = chunk_size or max(int(num_rows), 1), "no chunks (fused)"
     elif chunk_size:
         chunk, why_c = chunk_size, "chunk_size given"
     else:
-        chunk, why_c = _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad)
+        chunk, why_c = _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad,
+                                   hidden_grad_rows)
     sizing = Sizing(strat, int(chunk), f"{why_s}; {why_c}")
     if log.isEnabledFor(logging.DEBUG):
         log.debug("grpo_kernels %s: %d rows, V=%d, H=%d, %s on %s -> strategy=%s chunk_size=%d (%s)", what,

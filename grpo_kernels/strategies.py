@@ -15,20 +15,58 @@ linear_logprobs: the same passes for logp and entropy, both differentiable; the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .plan import Plan
 from . import torch_ops
 from .loss_math import token_loss_and_grad
+from .no_autocast import no_autocast
 from .options import LossOptions
+from .sizing import CHUNK_FLOOR, log
 
 Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------- shared pieces
+
+class FirstChunkOutOfMemory(torch.OutOfMemoryError):
+    """An OutOfMemoryError raised while the first chunk of a sized call was being processed."""
+
+
+@contextlib.contextmanager
+def _chunk_guard(index: int):
+    """Mark an OutOfMemoryError in chunk 0 as FirstChunkOutOfMemory (the sizing was too optimistic: retry smaller);
+    later chunks' errors pass as they are (memory that fit once was taken away: halving would not help)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if index == 0 and not isinstance(e, FirstChunkOutOfMemory):
+            raise FirstChunkOutOfMemory(str(e)) from e
+        raise
+
+
+def retry_smaller_chunks(run: Callable, chunk_size: int, chunk_given: bool, what: str):
+    """(run(rows), rows) with rows = chunk_size, and on an OutOfMemoryError in the first chunk run it again with half the rows, down to
+    CHUNK_FLOOR: sizing reads a snapshot of free memory that another process (a colocated vLLM) can take before the
+    chunk is allocated. A chunk_size the caller gave is not changed. At the floor the error says what to do."""
+    rows = int(chunk_size)
+    while True:
+        try:
+            return run(rows), rows
+        except FirstChunkOutOfMemory as e:
+            if chunk_given or rows <= CHUNK_FLOOR:
+                raise torch.OutOfMemoryError(
+                    f"grpo_kernels: {what}: out of memory in the first chunk of {rows} token rows"
+                    + ("" if chunk_given else f" (halved from {chunk_size}; {CHUNK_FLOOR} is the floor)")
+                    + ". Pass strategy='fused' (O(tokens) extra memory), a smaller chunk_size, or free memory. "
+                    f"The allocator said: {e}") from e
+            rows = max(CHUNK_FLOOR, rows // 2)
+            log.debug("grpo_kernels %s: out of memory in the first chunk, retrying with %d rows", what, rows)
+
 
 def loss_parts(ops, logp: Tensor, terms, opts: LossOptions, need_grad: bool):
     """The loss-from-log-probs phase: one Triton launch at token level on the Triton backend, else PyTorch
@@ -120,8 +158,9 @@ def forward_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
     ent = torch.empty(M, dtype=acc, device=h.device) if return_entropy else None
     for s in range(0, M, chunk_size):
         e = min(M, s + chunk_size)
-        c_lse, c_logp, c_ent = ops.chunk_stats(_logits(h[s:e], weight, bias), targets[s:e], temperature,
-                                               return_entropy)
+        with _chunk_guard(s):
+            c_lse, c_logp, c_ent = ops.chunk_stats(_logits(h[s:e], weight, bias), targets[s:e], temperature,
+                                                   return_entropy)
         lse[s:e], logp[s:e] = c_lse, c_logp
         if ent is not None:
             ent[s:e] = c_ent
@@ -195,6 +234,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
     factor reaches them; in the backward they carry that factor."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool,
                 grad_on: bool):
         needs = _needs(ctx, bias, grad_on)
@@ -208,23 +248,25 @@ class ChunkedGRPOLoss(torch.autograd.Function):
             lse_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
             g_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
         op_dtype = _operand_dtype(h2d.dtype)
-        for start, end in chunks:
-            idx = plan.rows[start:end]
-            h_chunk = h2d.index_select(0, idx)
-            targets = plan.targets.index_select(0, idx)
-            logits = _logits(h_chunk, weight, bias)
-            lse, logp, ent = ops.chunk_stats(logits, targets, opts.temperature, opts.compute_entropy)
-            parts = loss_parts(ops, logp, plan.terms(start, end), opts, need_grad)
-            totals.add(parts)
-            if ent is not None:
-                totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
-            if defer:
-                lse_rows[start:end], g_rows[start:end] = lse, parts.grad
-            elif need_grad:
-                dlogits = ops.chunk_dlogits_(logits, targets, lse, parts.grad, opts.temperature, out_dtype=op_dtype)
-                grads.add(dlogits, idx, h_chunk, weight, needs)
-                del dlogits
-            del logits
+        for i, (start, end) in enumerate(chunks):
+            with _chunk_guard(i):
+                idx = plan.rows[start:end]
+                h_chunk = h2d.index_select(0, idx)
+                targets = plan.targets.index_select(0, idx)
+                logits = _logits(h_chunk, weight, bias)
+                lse, logp, ent = ops.chunk_stats(logits, targets, opts.temperature, opts.compute_entropy)
+                parts = loss_parts(ops, logp, plan.terms(start, end), opts, need_grad)
+                totals.add(parts)
+                if ent is not None:
+                    totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
+                if defer:
+                    lse_rows[start:end], g_rows[start:end] = lse, parts.grad
+                elif need_grad:
+                    dlogits = ops.chunk_dlogits_(logits, targets, lse, parts.grad, opts.temperature,
+                                                 out_dtype=op_dtype)
+                    grads.add(dlogits, idx, h_chunk, weight, needs)
+                    del dlogits
+                del logits
         skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "chunked", ops, chunk_size)
         if skipped is not None:
             totals.entropy += skipped
@@ -240,6 +282,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, *unused):
         if not ctx.defer:
             return (*scaled_saved_grads(ctx.saved_tensors, grad_loss), None, None, None, None, None, None)
@@ -257,6 +300,7 @@ class FusedGRPOLoss(torch.autograd.Function):
     """Loss and metrics from streamed statistics; the backward recomputes the logits tile by tile."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h2d, weight, bias, plan: Plan, opts: LossOptions, ops, chunk_size: int, kl_on: bool,
                 grad_on: bool):
         needs = _needs(ctx, bias, grad_on)
@@ -282,6 +326,7 @@ class FusedGRPOLoss(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, *unused):
         h_rows, weight, bias, targets, lse, grad = ctx.saved_tensors
         needs, plan = ctx.needs, ctx.plan
@@ -308,6 +353,7 @@ class LinearLogprobs(torch.autograd.Function):
     entropy term is computed only when the entropy's gradient e is given, nothing at all when neither is."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h2d, weight, bias, targets, temperature: float, return_entropy: bool, strategy: str, ops,
                 chunk_size: int):
         lse, logp, ent = forward_stats(h2d, weight, bias, targets, temperature, return_entropy, strategy, ops,
@@ -321,6 +367,7 @@ class LinearLogprobs(torch.autograd.Function):
         return logp, ent.to(logp.dtype)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_logp, grad_entropy):
         h2d, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])

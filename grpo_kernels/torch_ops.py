@@ -17,7 +17,9 @@ is that divided by T. The e-term is computed only when an entropy gradient is gi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -27,9 +29,15 @@ from . import native
 Tensor = torch.Tensor
 
 # The fused strategy on the torch backend streams the vocabulary in tiles of about this many logits
-# (M x tile), so its extra memory stays O(M) with a small constant. The fp32 GEMM fallback upcasts operand
-# slices of about this many elements at a time.
+# (M x tile), so its extra memory stays O(M) with a small constant. On the CPU the fp32 GEMM fallback upcasts
+# operand slices of about this many elements at a time.
 TILE_ELEMENTS = 4 << 20
+# On CUDA a GEMM fallback (a torch without the fp32-output overloads) may hold this many bytes of fp32
+# temporaries, or a quarter of the memory available, whichever is smaller.
+CUDA_FALLBACK_BYTES = 512 << 20
+# Rows of the fp32 chunk buffer start on multiples of this many elements (64 B; 16-byte alignment of the fp32 rows
+# and of the packed 16-bit view over them is what cuBLAS's aligned kernels and Triton's vector loads need).
+ROW_ALIGN = 16
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -42,51 +50,112 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_stride(vocab: int) -> int:
+    """Row stride (elements) of a chunk buffer of `vocab` columns: round_up(vocab, ROW_ALIGN)."""
+    return -(-int(vocab) // ROW_ALIGN) * ROW_ALIGN
+
+
 # ------------------------------------------------------------------------------------------ fp32-output GEMMs
 
-@functools.lru_cache(maxsize=None)
-def _native_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch has a correct `addmm(acc, a, b, out_dtype=fp32, out=acc)` (16-bit operands, fp32 result,
-    accumulated in place) for this device. CPU builds of torch 2.13 register mm/addmm's out_dtype overloads for
-    Meta only, so the CPU answer is False; on CUDA it is probed once, value included (acc aliased as out)."""
-    if device_type != "cuda":
-        return False
+@dataclasses.dataclass(frozen=True)
+class Fp32Gemm:
+    """What this torch offers on one device type for 16-bit operands with an fp32 result, probed separately:
+    mm:    torch.mm(a, b, out_dtype=fp32, out=out)                 (torch >= 2.8 on CUDA),
+    addmm: torch.addmm(acc, a, b, out_dtype=fp32, out=acc), in place (some 2.8+ builds reject an fp32 `self`)."""
+
+    device_type: str
+    mm: bool
+    addmm: bool
+
+
+def _probe_operands(device_type: str, dtype: torch.dtype):
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device_type)
+    b = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=dtype, device=device_type)
+    return a, b, a.float() @ b.float()
+
+
+def probe_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(a, b, out_dtype=fp32, out=out) exists and gives the right values here."""
     try:
-        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device_type)
-        b = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=dtype, device=device_type)
-        acc = torch.full((2, 2), 1.0 / 3.0, dtype=torch.float32, device=device_type)
-        expected = acc + a.float() @ b.float()
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        a, b, want = _probe_operands(device_type, dtype)
         out = torch.empty(2, 2, dtype=torch.float32, device=device_type)
         torch.mm(a, b, out_dtype=torch.float32, out=out)
-        return bool(torch.equal(acc, expected)) and bool(torch.equal(out, a.float() @ b.float()))
+        return bool(torch.equal(out, want))
     except (TypeError, NotImplementedError, RuntimeError):
         return False
 
 
-def gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> Tensor:
-    """out (+)= a @ b with `out` fp32/fp64 and a, b in their own (equal) dtype; returns out.
+def probe_addmm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the in-place torch.addmm(acc, a, b, out_dtype=fp32, out=acc) exists and accumulates right here."""
+    try:
+        a, b, prod = _probe_operands(device_type, dtype)
+        acc = torch.full((2, 2), 1.0 / 3.0, dtype=torch.float32, device=device_type)
+        want = acc + prod
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.equal(acc, want))
+    except (TypeError, NotImplementedError, RuntimeError):
+        return False
 
-    16-bit operands: on CUDA one cuBLAS call with an fp32 output (in place when accumulating: no second
-    [rows, cols] buffer); without that overload (the CPU, or a CUDA torch that lacks it) the operands are upcast
-    slice by slice along the reduction dimension: bounded temporaries, exact, slower. Never rounds the result to
-    16 bits."""
-    if a.dtype == out.dtype:
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-        return out
-    if a.dtype in _HALF and _native_out_dtype(a.device.type, a.dtype):
-        if accumulate:
-            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-        else:
-            torch.mm(a, b, out_dtype=out.dtype, out=out)
-        return out
+
+@functools.lru_cache(maxsize=None)
+def fp32_gemm(device_type: str, dtype: torch.dtype) -> Fp32Gemm:
+    """The probed Fp32Gemm of a device type (once per process). The CPU answer is no overloads without probing:
+    CPU builds of torch 2.13 register mm/addmm's out_dtype overloads for Meta only, and torch's CPU 16-bit GEMMs
+    are many times slower than the exact upcast below anyway."""
+    if device_type != "cuda":
+        return Fp32Gemm(device_type, False, False)
+    return Fp32Gemm(device_type, probe_mm(device_type, dtype), probe_addmm(device_type, dtype))
+
+
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"grpo_kernels: {message}", RuntimeWarning, stacklevel=3)
+
+
+def fallback_bytes(device: torch.device) -> int:
+    """Bytes of fp32 temporaries a GEMM fallback may hold: 2 * TILE_ELEMENTS fp32 values on the CPU; on CUDA
+    CUDA_FALLBACK_BYTES or a quarter of the memory available (driver free + PyTorch's cache), the smaller."""
+    if device.type != "cuda":
+        return 8 * TILE_ELEMENTS  # about the slices of the earlier TILE_ELEMENTS // max(rows, cols) rule
+    from .sizing import available_bytes  # sizing imports this module
+    return int(min(CUDA_FALLBACK_BYTES, max(available_bytes(device) // 4, 1 << 20)))
+
+
+def _mm_out_dtype(a: Tensor, b: Tensor, out: Tensor) -> None:
+    torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+
+def _addmm_out_dtype_(out: Tensor, a: Tensor, b: Tensor) -> None:
+    torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+
+
+def _accumulate_by_row_blocks(out: Tensor, a: Tensor, b: Tensor, budget: int) -> None:
+    """out += a @ b through one fp32 temporary of at most `budget` bytes: mm(out_dtype) per block of out's rows
+    (per vocabulary block for dW), then an in-place add. Traffic: out read and written once."""
+    rows, cols = out.shape
+    block = max(1, min(rows, budget // max(4 * cols, 1)))
+    tmp = torch.empty(block, cols, dtype=out.dtype, device=out.device)
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        t = tmp[: r1 - r0]
+        _mm_out_dtype(a[r0:r1], b, t)
+        out[r0:r1] += t
+
+
+def _upcast_gemm(out: Tensor, a: Tensor, b: Tensor, accumulate: bool, budget: int) -> None:
+    """out (+)= a @ b with the operands upcast to out's dtype slice by slice along the reduction dimension; each
+    slice's fp32 copies of a and b fit in `budget` bytes. Exact (products of 16-bit values are exact in fp32);
+    every slice rewrites out, so the fewer slices the better."""
     K = a.shape[1]
     if K == 0:
-        return out if accumulate else out.zero_()
-    step = max(1, TILE_ELEMENTS // max(a.shape[0], b.shape[1], 1))
+        if not accumulate:
+            out.zero_()
+        return
+    step = max(1, budget // (out.element_size() * max(a.shape[0] + b.shape[1], 1)))
     for k0 in range(0, K, step):
         k1 = min(K, k0 + step)
         a_k, b_k = a[:, k0:k1].to(out.dtype), b[k0:k1].to(out.dtype)
@@ -94,6 +163,44 @@ def gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> Te
             torch.mm(a_k, b_k, out=out)
         else:
             out.addmm_(a_k, b_k)
+
+
+def gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> Tensor:
+    """out (+)= a @ b with `out` fp32/fp64 and a, b in their own (equal) dtype; returns out. Never rounds the
+    result to 16 bits.
+
+    16-bit operands (Fp32Gemm, probed once per device type):
+      - mm(out_dtype) for a plain product (the logits), in-place addmm(out_dtype) to accumulate (dW): one cuBLAS
+        call each, no second [rows, cols] buffer;
+      - without the in-place addmm, accumulation goes through a bounded fp32 temporary per block of out's rows;
+      - without mm(out_dtype) (the CPU; torch < 2.8 on CUDA) the operands are upcast slice by slice, the slices
+        sized by `fallback_bytes`. On CUDA each fallback warns once: it is slower than the fast path."""
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return out
+    if a.dtype in _HALF:
+        cap = fp32_gemm(a.device.type, a.dtype)
+        cuda = cap.device_type == "cuda"
+        if accumulate and cap.addmm:
+            _addmm_out_dtype_(out, a, b)
+            return out
+        if cap.mm:
+            if not accumulate:
+                _mm_out_dtype(a, b, out)
+                return out
+            if cuda:
+                _warn_once(f"addmm-{a.dtype}", f"torch {torch.__version__} has no in-place addmm(out_dtype=fp32) "
+                           f"for {a.dtype} on CUDA: gradients accumulate through a bounded fp32 temporary")
+            _accumulate_by_row_blocks(out, a, b, fallback_bytes(out.device))
+            return out
+        if cuda:
+            _warn_once(f"mm-{a.dtype}", f"torch {torch.__version__} has no mm(out_dtype=fp32) for {a.dtype} on "
+                       "CUDA: fp32-output GEMMs upcast their operands slice by slice (slower; torch >= 2.8 has the "
+                       "fast path)")
+    _upcast_gemm(out, a, b, accumulate, fallback_bytes(out.device))
     return out
 
 
@@ -107,9 +214,16 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
+def empty_rows(rows: int, vocab: int, dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised [rows, vocab] buffer whose rows start every row_stride(vocab) elements (aligned rows, also
+    for the packed 16-bit view over them when vocab % 4 != 0); the view [:, :vocab] of a padded allocation."""
+    return torch.empty(rows, row_stride(vocab), dtype=dtype, device=device)[:, :vocab]
+
+
 def linear_fp32(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """h @ weight.T + bias as a new fp32 (fp64 for fp64 inputs) [M, V] tensor: the chunk's logits buffer."""
-    out = torch.empty(h.shape[0], weight.shape[0], dtype=_acc_dtype(h.dtype), device=h.device)
+    """h @ weight.T + bias as a new fp32 (fp64 for fp64 inputs) [M, V] tensor with aligned rows (row stride
+    row_stride(V)): the chunk's logits buffer."""
+    out = empty_rows(h.shape[0], weight.shape[0], _acc_dtype(h.dtype), h.device)
     gemm_into(out, h, weight.T)
     if bias is not None:
         out.add_(bias)

@@ -35,6 +35,7 @@ from . import inputs as checks
 from . import torch_ops
 from .plan import make_plan
 from .loss_math import token_loss_and_grad
+from .no_autocast import no_autocast
 from .metrics import LossMetrics
 from .options import LossOptions
 from .sizing import size_call
@@ -278,6 +279,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
     chunk, needs no communication per chunk (lse and entropy are saved) and all-reduces dH once."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h2d, weight, bias, targets, temperature: float, return_entropy: bool, shard: Shard,
                 chunk: int):
         lse, logp, ent = _forward_stats(h2d, weight, bias, targets, temperature, return_entropy, shard, chunk)
@@ -287,6 +289,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
         return logp.to(out_dtype), None if ent is None else ent.to(out_dtype)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_logp, grad_entropy):
         h2d, weight, bias, targets, lse, ent = ctx.saved_tensors
         n = ctx.needs_input_grad
@@ -333,6 +336,7 @@ class VocabParallelGRPOLoss(torch.autograd.Function):
     underflow before GradScaler's factor reaches them."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h2d, weight, bias, plan, opts: LossOptions, shard: Shard, chunk: int, kl_on: bool,
                 grad_on: bool):
         needs = _needs(ctx, bias, grad_on)
@@ -376,6 +380,7 @@ class VocabParallelGRPOLoss(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, *unused):
         if not ctx.defer:
             return (*scaled_saved_grads(ctx.saved_tensors, grad_loss), None, None, None, None, None, None)

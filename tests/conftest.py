@@ -4,6 +4,7 @@ Without CUDA, Triton kernels can only run under the interpreter, and TRITON_INTE
 triton-decorated modules are imported: set it here, before any test module imports grpo_kernels or triton.
 """
 
+import datetime
 import math
 import os
 
@@ -14,6 +15,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 import oracle  # noqa: E402  (plain torch; no triton import)
 
@@ -99,17 +101,23 @@ METRIC_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GRAD_KEYS = ("hidden", "weight", "bias")
 
 
-def package_run(problem, fn=None, grad_output=1.0, **opts):
-    """Run the package on fresh leaf copies of the problem; returns (loss, metrics, grads dict)."""
-    import grpo_kernels as gk
-
-    fn = fn or gk.fused_linear_grpo_loss
+def leaf_copies(problem):
+    """(args, leaves): the problem with fresh leaf copies of hidden / weight / bias that require grad."""
     args = dict(problem)
     leaves = {}
     for k in GRAD_KEYS:
         if args.get(k) is not None:
             leaves[k] = args[k].detach().clone().requires_grad_(True)
             args[k] = leaves[k]
+    return args, leaves
+
+
+def package_run(problem, fn=None, grad_output=1.0, **opts):
+    """Run the package on fresh leaf copies of the problem; returns (loss, metrics, grads dict)."""
+    import grpo_kernels as gk
+
+    fn = fn or gk.fused_linear_grpo_loss
+    args, leaves = leaf_copies(problem)
     loss, metrics = fn(**args, **opts)
     assert loss.requires_grad, "loss has no grad_fn"
     (loss * grad_output).backward()
@@ -213,3 +221,16 @@ def compare_run(problem, opts, run_opts, oracle_result, *, tol, metric_tol, labe
     exp = expected_metrics(opts.get("loss_type", "dapo"), o_metrics, beta, entropy_on)
     fails += compare_metrics(metrics, exp, metric_tol, label)
     return fails
+
+
+@pytest.fixture
+def one_rank_group():
+    """A single-process gloo group: the vocab-parallel path with its collectives, in this process."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

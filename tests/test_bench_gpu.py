@@ -49,6 +49,8 @@ def test_plan_measures_what_the_issue_asks():
     assert "logprobs" in parts["logprobs-16k"] and "--tokens 16384" in parts["logprobs-16k"]
     assert "--device cuda" in parts["step"] and "trl+gk" in parts["step"]
     assert "--timeout" not in " ".join(gpu.plan(pytest_timeout=False)[1].argv)
+    hard = {p.name: p for p in gpu.plan()}["hardening"]
+    assert hard.inline and hard.result is None and hard.capture is None and "_gpu_hardening" in hard.argv
 
 
 def test_bad_gpu_arguments(capsys):
@@ -181,6 +183,37 @@ def test_runner_goes_on_after_failure_and_timeout_and_writes_at_most_8_files(tmp
     assert "collecting" in log and "part 2/3 hang: TIMEOUT" in log
     printed = capsys.readouterr().out
     assert "part 1/3 boom: started" in printed and "part 3/3 loss-8k: OK" in printed
+
+
+def test_hardening_part_reports_inline_without_a_file_of_its_own(tmp_path):
+    """The hardening part's PASS / FAIL / INFO lines land in summary.md (the files that come back are limited)."""
+    code = "print('noise'); print('PASS  probe torch.bfloat16: mm=True'); print('FAIL  nan fused: loss 0.1'); " \
+           "print('hardening: 1 passed, 1 failed'); import sys; sys.exit(1)"
+    part = gpu.Part("hardening", 20, "fake hardening", ("-c", code), inline=True)
+    out = tmp_path / "out"
+    outcomes = gpu.Runner([part], out, total_s=30, meta={}, echo=lambda *a, **k: None).run()
+    assert outcomes[0].status == "failed" and outcomes[0].files == []
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.log", "summary.md"]
+    md = (out / "summary.md").read_text()
+    section = md.split("## GPU-hardening checks")[1]
+    assert "PASS  probe torch.bfloat16" in section and "FAIL  nan fused" in section and "noise" not in section
+
+
+def test_hardening_launches_every_kernel_compile_check_lists():
+    """`bench _gpu_hardening`'s launch check has a launcher for each kernel of compile_check's list (the combine
+    kernel runs inside the fused forward); on a machine without CUDA the command fails and says so."""
+    import inspect
+
+    from bench import hardening
+    from grpo_kernels.compile_check import jobs_for
+
+    src = inspect.getsource(hardening._launch_one)
+    for name in {j.name for j in jobs_for(90)} - {"_combine_kernel"}:
+        assert f'kernel == "{name}"' in src, name
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "bench", "_gpu_hardening"], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 1 and "FAIL  device: no CUDA device" in proc.stdout
 
 
 def test_total_budget_skips_parts_that_no_longer_fit(tmp_path):

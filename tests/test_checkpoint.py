@@ -86,23 +86,6 @@ def test_resume_rewrites_rows_logged_after_the_checkpoint(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
-def test_a_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
-    trainer = tt.make_trainer(tmp_path, max_steps=1, save_steps=1)
-    real_save = torch.save
-
-    def failing_save(obj, path, *a, **k):
-        if str(path).endswith("scheduler.pt"):
-            raise OSError("disk full")
-        return real_save(obj, path, *a, **k)
-
-    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        trainer.train()
-    assert not (tmp_path / "checkpoint-1").exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # the temporary folder is cleaned up
-    assert checkpoint.list_checkpoints(tmp_path) == []
-
-
 def test_partial_folders_are_never_taken_for_checkpoints(tmp_path):
     trainer = tt.make_trainer(tmp_path, max_steps=2, save_steps=1)
     trainer.train()
@@ -125,11 +108,15 @@ def test_save_total_limit_prunes_the_oldest(tmp_path):
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):
+    from safetensors.torch import load_file
+
     trainer = tt.make_trainer(tmp_path, max_steps=1, save_steps=1)
     trainer.train()
-    first = (tmp_path / "checkpoint-1" / "model.safetensors").stat().st_mtime_ns
+    with torch.no_grad():
+        trainer.model.model.norm.weight.fill_(0.625)  # a value training never produces
     trainer.save_checkpoint()
-    assert (tmp_path / "checkpoint-1" / "model.safetensors").stat().st_mtime_ns >= first
+    saved = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))["model.norm.weight"]
+    assert torch.all(saved == 0.625)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 

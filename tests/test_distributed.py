@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import test_trainer as tt
-from grpo import distributed
+from grpo import checkpoint_io, distributed
 
 
 def _free_port() -> int:
@@ -78,5 +78,5 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, loss_type, gas, use_l
     if use_lora:
         assert rows[0]["kl"] > 0
         return
-    assert os.path.isdir(out / "checkpoint-1") and not os.path.exists(out / "checkpoint-1" / "rng_state_1.pt")
-    assert len(torch.load(out / "checkpoint-1" / "rng_state.pt", weights_only=False)) == 2  # every rank's RNG
+    rngs = checkpoint_io.load_rng_states(out / "checkpoint-1")  # every rank's RNG, in one file
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # seeded seed + rank

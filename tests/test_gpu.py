@@ -215,7 +215,6 @@ def _check_stats_loss_grads(B, T, H, V, chunk_rows, dtype):
 def test_chunk_buffer_past_int32_offsets():
     """A [17000, 128256] fp32 chunk buffer holds 2.18e9 > 2**31 elements: rows past the int32 boundary must be
     read and written at their own offsets (int64 address arithmetic)."""
-    assert 17000 * 128256 > 2**31
     _check_big_buffer(17000, 128256, 2**31 // 128256)
 
 
@@ -414,3 +413,61 @@ def test_changing_token_counts_do_not_recompile():
         step(M)
     torch.cuda.synchronize()
     assert [_compiled_variants(k) for k in ks] == before
+
+
+# ------------------------------------------------------------------------------------ GPU hardening (issue 15)
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_output_gemm_fast_path_on_torch_2_8(dtype, recwarn):
+    """torch >= 2.8 has mm(out_dtype=fp32) and the in-place addmm(out_dtype=fp32, out=acc) on CUDA: the logits
+    and the dW accumulation take them (one cuBLAS call each), never the slice-wise upcast, and nothing warns."""
+    from grpo_kernels import torch_ops
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 8):
+        pytest.skip(f"torch {torch.__version__} < 2.8 has no out_dtype overloads")
+    cap = torch_ops.fp32_gemm("cuda", dtype)
+    assert cap.mm, f"torch {torch.__version__}: mm(out_dtype=fp32) probe failed for {dtype}"
+    assert cap.addmm, f"torch {torch.__version__}: in-place addmm(out_dtype=fp32) probe failed for {dtype}"
+    a = torch.randn(64, 128, device=DEV).to(dtype)
+    b = torch.randn(128, 96, device=DEV).to(dtype)
+    acc = torch.zeros(64, 96, device=DEV)
+    torch_ops.gemm_into(acc, a, b, accumulate=True)
+    torch_ops.gemm_into(torch.empty(64, 96, device=DEV), a, b)
+    assert not [w for w in recwarn.list if "grpo_kernels" in str(w.message)]
+
+
+def test_fused_backward_launches_the_devices_first_config():
+    """The tile kernels/configs.py picks for this device launches as is: no OutOfResources fallback needed."""
+    from grpo_kernels.kernels import configs, fused_backward
+
+    lim = configs.device_limits(torch.device(DEV))
+    for dtype in (torch.bfloat16, torch.float32):
+        p = _to(oracle.make_problem(B=4, T=64, H=128, V=1000, seed=15, dtype=dtype), DEV)
+        fused_backward._chosen.clear()
+        loss, _, grads = package_run(p, strategy="fused", backend="triton")
+        key = (str(p["hidden"].device), dtype, False)
+        assert fused_backward._chosen.get(key) == 0, (lim, fused_backward._chosen)
+        assert torch.isfinite(grads["weight"]).all()
+
+
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_autocast_changes_nothing_on_cuda(strategy):
+    p = _to(oracle.make_problem(B=4, T=33, H=64, V=1000, seed=16, dtype=torch.bfloat16, ref="given"), DEV)
+    opts = dict(strategy=strategy, backend="triton", beta=0.04, chunk_size=48)
+    want = package_run(p, **opts)
+    with torch.autocast("cuda", torch.bfloat16):
+        got = package_run(p, **opts)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(got[2][k], want[2][k]) for k in want[2])
+
+
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_nan_hidden_reaches_loss_and_gradients_on_cuda(strategy):
+    """One-row epilogue programs and 128-row backward blocks on the GPU: a NaN live row is computed, not skipped."""
+    p = _to(oracle.make_problem(B=4, T=40, H=64, V=1000, seed=17, dtype=torch.bfloat16, old=False, ref=None,
+                                mask="full"), DEV)
+    p["hidden"][1, 3, 5] = float("nan")
+    loss, _, grads = package_run(p, strategy=strategy, backend="triton")
+    dh = grads["hidden"]
+    assert torch.isnan(loss) and torch.isnan(dh[1, 3]).all() and torch.isnan(grads["weight"]).all()
+    assert torch.isfinite(dh[0]).all()

@@ -27,7 +27,8 @@ def test_gemm_into_on_cuda(dtype):
     start, ptr = acc.clone(), acc.data_ptr()
     torch_ops.gemm_into(acc, a, b, accumulate=True)
     assert acc.data_ptr() == ptr and rel_err(acc, start.double() + exact) < 1e-5
-    print("native out_dtype GEMM:", torch_ops._native_out_dtype("cuda", dtype))
+    print("fp32-output GEMMs:", torch_ops.fp32_gemm("cuda", dtype))
+
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])

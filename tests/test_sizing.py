@@ -47,9 +47,9 @@ def _chunk_bytes(rows, V):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_chunk_budget_counts_fp32_buffer_and_dw_accumulator(gpu_memory, dtype):
     V, H, n = 128256, 4096, 65536
-    gpu_memory.avail = 4 * GIB  # usable 3.2 GiB: 1.96 GiB accumulator + 1.24 GiB of chunk
+    gpu_memory.avail = 5 * GIB  # usable 4 GiB: 1.96 GiB accumulator (+ 0.98 GiB 16-bit cast) + the chunk
     usable = int(gpu_memory.avail * sizing.USABLE_FRACTION)
-    acc = V * H * 4
+    acc = V * H * 4 + (V * H * 2 if dtype != torch.float32 else 0)  # fp32 accumulator and its final cast copy
     rows = sizing.default_chunk_size(n, V, H, dtype, CUDA0, weight_grad=True)
     assert sizing.CHUNK_FLOOR <= rows < n
     assert _chunk_bytes(rows, V) + acc <= usable           # fp32 buffer whatever the input dtype, + accumulator
@@ -57,8 +57,8 @@ def test_chunk_budget_counts_fp32_buffer_and_dw_accumulator(gpu_memory, dtype):
     # without a weight gradient there is no accumulator: more rows fit (up to the cap)
     rows_frozen = sizing.default_chunk_size(n, V, H, dtype, CUDA0, weight_grad=False)
     assert rows_frozen > rows and _chunk_bytes(rows_frozen, V) <= min(usable, sizing.CHUNK_CAP_BYTES)
-    # same budget for every input dtype: the buffer is fp32 for all of them
-    assert rows == sizing.default_chunk_size(n, V, H, torch.float32, CUDA0, weight_grad=True)
+    # the buffer is fp32 for every input dtype; only the 16-bit weight's cast copy differs
+    assert rows <= sizing.default_chunk_size(n, V, H, torch.float32, CUDA0, weight_grad=True)
 
 
 def test_torch_epilogue_temporaries_count(gpu_memory):
@@ -84,7 +84,7 @@ def test_one_chunk_when_everything_fits_and_balanced_chunks_otherwise(gpu_memory
 
 def test_floor_of_1024_rows_and_clear_error(gpu_memory):
     V, H = 128256, 4096
-    gpu_memory.avail = int(2.9 * GIB)  # usable 2.32 GiB: the accumulator (1.96 GiB) + 1024 rows (0.49 GiB) do not fit
+    gpu_memory.avail = int(4.2 * GIB)  # usable 3.36 GiB: accumulator + cast (2.94 GiB) + 1024 rows (0.49) do not fit
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"strategy='fused'.*") as info:
         sizing.default_chunk_size(50000, V, H, torch.bfloat16, CUDA0, weight_grad=True)
     assert "1024-row chunk" in str(info.value) and "dW accumulator" in str(info.value)
@@ -92,8 +92,9 @@ def test_floor_of_1024_rows_and_clear_error(gpu_memory):
     assert sizing.default_chunk_size(50000, V, H, torch.bfloat16, CUDA0, weight_grad=False) >= 1024
     # fewer tokens than the floor: the floor is the token count
     assert sizing.default_chunk_size(700, V, H, torch.bfloat16, CUDA0, weight_grad=True) == 700
-    # the floor holds however tight memory gets, down to the error
-    for gib in (3.2, 4, 6, 12, 40):
+    # the floor holds however tight memory gets, down to the error (accumulator 1.96 GiB + its bf16 cast 0.98 GiB
+    # + 1024 rows 0.49 GiB need a usable 3.43 GiB)
+    for gib in (4.3, 6, 12, 40):
         gpu_memory.avail = int(gib * GIB)
         assert sizing.default_chunk_size(50000, V, H, torch.bfloat16, CUDA0, weight_grad=True) >= 1024, gib
 
@@ -380,3 +381,123 @@ def test_per_call_sizes_are_not_specialised(module, kernel, names):
     import importlib
     mod = importlib.import_module(f"grpo_kernels.kernels.{module}")
     assert names <= _no_specialize(getattr(mod, kernel))
+
+
+# ------------------------------------------------------------- issue 15: fragmentation, missed buffers, OOM retry
+
+def test_available_excludes_inactive_split_blocks(monkeypatch):
+    """reserved - allocated counts the free pieces of partly used segments; the chunk needs one contiguous block,
+    so those pieces are not available for it."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 41 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {"inactive_split_bytes.all.current": 7 * GIB})
+    assert sizing.available_bytes(CUDA0) == 5 * GIB
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {"inactive_split_bytes.all.current": 20 * GIB})
+    assert sizing.available_bytes(CUDA0) == 3 * GIB  # never below what the driver has free
+
+
+def test_single_chunk_counts_its_dw_and_d_hidden(gpu_memory):
+    """One chunk writes dW [V, H] in the weight's dtype beside the buffer, and d_hidden [N, H] exists throughout:
+    a call whose buffer alone fits but not with them gets chunks."""
+    V, H, n = 32000, 4096, 8192
+    buf = _chunk_bytes(n, V)  # 0.98 GiB
+    dw = V * H * 2            # 0.24 GiB in bf16
+    dh = n * H * 2            # 0.06 GiB
+    gpu_memory.avail = int((buf + dw // 2) / sizing.USABLE_FRACTION)
+    assert sizing.default_chunk_size(n, V, H, torch.bfloat16, CUDA0, weight_grad=False) == n
+    assert sizing.default_chunk_size(n, V, H, torch.bfloat16, CUDA0, weight_grad=True) < n
+    gpu_memory.avail = int((buf + dw + dh // 2) / sizing.USABLE_FRACTION)
+    assert sizing.default_chunk_size(n, V, H, torch.bfloat16, CUDA0, weight_grad=True) == n
+    assert sizing.default_chunk_size(n, V, H, torch.bfloat16, CUDA0, weight_grad=True, hidden_grad_rows=n) < n
+
+
+def test_accumulator_counts_the_final_cast_copy():
+    V, H = 1000, 64
+    assert sizing.accumulator_bytes(V, H, torch.bfloat16, True) == V * H * (4 + 2)
+    assert sizing.accumulator_bytes(V, H, torch.float32, True) == V * H * 4  # fp32: .to(fp32) copies nothing
+    assert sizing.accumulator_bytes(V, H, torch.bfloat16, False) == 0
+
+
+def test_chunk_buffer_rows_are_counted_at_their_aligned_stride():
+    assert sizing.chunk_row_bytes(1001, torch.bfloat16, False) == 1008 * 4
+    assert sizing.chunk_row_bytes(50257, torch.float32, False) == 50272 * 4
+
+
+class _FakeOOM:
+    """Patches strategies._logits to raise OutOfMemoryError for chunks of more than `limit` rows, as a colocated
+    process that took memory after sizing would."""
+
+    def __init__(self, monkeypatch, limit):
+        self.limit, self.rows = limit, []
+        real = strategies._logits
+
+        def logits(h, w, b):
+            self.rows.append(h.shape[0])
+            if h.shape[0] > self.limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (fake, {h.shape[0]} rows)")
+            return real(h, w, b)
+
+        monkeypatch.setattr(strategies, "_logits", logits)
+
+
+def _big_problem(seed=51):
+    # 4 x 700 = 2800 active tokens, tiny head: the CPU sizing puts all rows in one chunk
+    p = oracle.make_problem(B=4, T=700, H=8, V=16, seed=seed, mask="full", ref="given")
+    return p
+
+
+@pytest.mark.parametrize("fn", ["loss", "logprobs", "ref_model"])
+def test_first_chunk_oom_halves_the_chunk_and_retries(monkeypatch, fn):
+    p = _big_problem()
+    if fn == "ref_model":
+        p = oracle.make_problem(B=4, T=700, H=8, V=16, seed=52, mask="full", ref="model")
+    opts = dict(loss_type="dapo", beta=0.04, backend="torch", strategy="chunked")
+
+    def run(chunk_size=None):
+        if fn == "logprobs":
+            h = p["hidden"].clone().requires_grad_(True)
+            lp = gk.linear_logprobs(h, p["weight"], p["selected_token_ids"], chunk_size=chunk_size)
+            lp.sum().backward()
+            return lp.detach(), h.grad
+        h = p["hidden"].clone().requires_grad_(True)
+        loss, _ = gk.fused_linear_grpo_loss(**dict(p, hidden=h), **opts, chunk_size=chunk_size)
+        loss.backward()
+        return loss.detach(), h.grad
+
+    want = run(chunk_size=700)
+    fake = _FakeOOM(monkeypatch, limit=1400)
+    got = run()
+    assert fake.rows[0] == 2800 and 1400 in fake.rows and max(fake.rows[1:]) <= 1400
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_first_chunk_oom_at_the_floor_raises_the_clear_error(monkeypatch):
+    fake = _FakeOOM(monkeypatch, limit=100)
+    p = _big_problem()
+    with pytest.raises(torch.OutOfMemoryError, match=r"first chunk of 1024 token rows.*strategy='fused'") as e:
+        gk.fused_linear_grpo_loss(**p, backend="torch", strategy="chunked")
+    assert fake.rows == [2800, 1400, 1024] and "halved from 2800" in str(e.value)
+
+
+def test_no_retry_for_a_given_chunk_size_or_a_later_chunk(monkeypatch):
+    p = _big_problem()
+    real = strategies._logits
+    fake = _FakeOOM(monkeypatch, limit=100)
+    with pytest.raises(torch.OutOfMemoryError, match="first chunk of 2000"):
+        gk.fused_linear_grpo_loss(**p, backend="torch", strategy="chunked", chunk_size=2000)
+    assert fake.rows == [2000]
+    # an OOM after the first chunk went through: memory that fit was taken away; halving would not help
+    calls = []
+
+    def second_fails(h, w, b):
+        calls.append(h.shape[0])
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake, second chunk)")
+        return real(h, w, b)
+
+    monkeypatch.setattr(strategies, "_logits", second_fails)
+    with pytest.raises(torch.OutOfMemoryError, match="second chunk"):
+        gk.fused_linear_grpo_loss(**p, backend="torch", strategy="chunked", chunk_size=1500)
+    assert calls == [1500, 1300]

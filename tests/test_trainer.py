@@ -92,7 +92,7 @@ def test_cli_smoke_run_writes_metrics_checkpoints_and_curve(tmp_path):
     for step in (1, 2):
         ckpt = out / f"checkpoint-{step}"
         for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt",
-                     "rng_state.pt", "trainer_state.json"):
+                     "rng_state.safetensors", "trainer_state.json"):
             assert (ckpt / name).is_file(), f"{ckpt}/{name}"
         state = json.loads((ckpt / "trainer_state.json").read_text())
         assert state["step"] == step and state["config"]["max_steps"] == 2

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (IS_INTERPRETER, check_float_matrix, check_grid, cdiv, inv_temperature, lse_finish, lse_init,
+from ._common import (FP_FUSION, IS_INTERPRETER, check_float_matrix, check_grid, cdiv, inv_temperature, lse_finish, lse_init,
                       lse_update, prepare_row_vector, prepare_targets, row_major)
 
 
@@ -68,7 +68,7 @@ def _chunk_dlogits_kernel(logits_ptr, out_ptr, targets_ptr, lse_ptr, grad_ptr, e
     columns below v0 / 2 + BLOCK_V / 2 <= v0 + BLOCK_V, all loaded in this tile or an earlier one; the barrier
     between each tile's load and store makes every thread of the program finish those loads first.
     A program whose rows all have g = e = 0 writes zeros without reading; such rows are exact zeros whatever
-    their lse holds."""
+    their lse holds. A row whose g or e is NaN is live (NaN != 0), so its NaN reaches the gradients."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -78,13 +78,14 @@ def _chunk_dlogits_kernel(logits_ptr, out_ptr, targets_ptr, lse_ptr, grad_ptr, e
     if WITH_ENTROPY_GRAD:
         ge = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
         live = (g != 0.0) | (ge != 0.0)
-        any_live = tl.max(tl.abs(g) + tl.abs(ge), axis=0) > 0.0
     else:
         live = g != 0.0
-        any_live = tl.max(tl.abs(g), axis=0) > 0.0
+    # a count of `!= 0` rows, which a NaN passes: a max of |g| drops NaN on the GPU and propagates it in the
+    # interpreter, and either way a NaN row must be computed (NaN rule), whatever BLOCK_M groups it with
+    n_live = tl.sum(live.to(tl.int32), axis=0)
     out_ty = out_ptr.dtype.element_ty
 
-    if not any_live:
+    if n_live == 0:
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = row_mask[:, None] & (cols < V)[None, :]
@@ -139,7 +140,7 @@ def chunk_stats(logits, targets, temperature: float, return_entropy: bool):
     grid = (cdiv(m, cfg["BLOCK_M"]),)
     check_grid(grid[0])
     _chunk_stats_kernel[grid](logits, targets, lse, logp, ent if return_entropy else lse, m, v, logits.stride(0),
-                              inv_t, WITH_ENTROPY=bool(return_entropy), **cfg)
+                              inv_t, WITH_ENTROPY=bool(return_entropy), **cfg, **FP_FUSION)
     return lse, logp, ent
 
 
@@ -185,5 +186,5 @@ def chunk_dlogits_(logits, targets, lse, grad, temperature: float, entropy=None,
     check_grid(grid[0])
     _chunk_dlogits_kernel[grid](logits, out, targets, lse, grad, entropy if with_eg else grad,
                                 grad_entropy if with_eg else grad, m, v, logits.stride(0), out.stride(0), inv_t,
-                                WITH_ENTROPY_GRAD=with_eg, PACKED=packed, **cfg)
+                                WITH_ENTROPY_GRAD=with_eg, PACKED=packed, **cfg, **FP_FUSION)
     return out

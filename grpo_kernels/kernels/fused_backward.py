@@ -13,9 +13,10 @@ Cost model (per tile BM x BV, K = H; llama3-8b head: H = 4096, V = 128256, bf16,
     256 FLOPs: keeping pace with ~800 TFLOP/s means 3e12 atomics/s = 12.5 TB/s of read-modify-write, above the
     L2's bandwidth, and the accumulators spill to HBM (3.35 TB/s on H100, 4.8 on H200: 2.15 TB takes >= 0.45 s,
     against 0.26 s of GEMM). So the kernel is atomic-bound unless tiles are skipped. Occupancy (sm_90 compile,
-    Triton 3.9, bf16, 8 warps): 218 registers and 160 KiB shared memory per program (224 / 128 KiB with the
-    entropy gradient), so one program per SM and its tensor cores idle while it issues atomics. Hence, in order
-    of what they save:
+    Triton 3.9, bf16, 8 warps, `python -m grpo_kernels.compile_check`): 208 registers and 161 KiB shared memory
+    per program (224 / 129 KiB with the entropy gradient), so one program per SM and its tensor cores idle while
+    it issues atomics; sm_80/86/89 get a 128 x 128 x 32 two-stage tile (64 KiB, 182-212 registers; kernels/
+    configs.py). Hence, in order of what they save:
       1. gradient filter (FILTER, after Cut Cross-Entropy): a tile with no row's target whose every |dz_iv| is at
          most filter_eps * (|g_i| + |e_i|) / T, filter_eps = u / V (u = unit roundoff of the input dtype, in which
          dz is rounded for the GEMMs and d_hidden / d_weight are returned), skips both GEMMs and all its atomics
@@ -38,21 +39,48 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_FP32, IS_INTERPRETER, cdiv, check_grid, dot_precision, inv_temperature, logits_tile, mma,
-                      prepare_row_vector)
+from triton.runtime.errors import OutOfResources
+
+from ._common import (DOT_FP32, FP_FUSION, IS_INTERPRETER, cdiv, check_grid, dot_precision, inv_temperature,
+                      logits_tile, mma, prepare_row_vector)
+from .configs import INTERPRETER_GEMM, device_limits, fused_backward_configs
 from .fused_forward import check_linear_inputs
 
 # Unit roundoff of the dtype dz is rounded to for the GEMMs and the results are returned in.
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def _config(dtype: torch.dtype, with_entropy_grad: bool = False) -> dict:
+def _configs(device: torch.device, dtype: torch.dtype, with_entropy_grad: bool) -> list[dict]:
+    """Launch candidates on this device, best first (kernels/configs.py)."""
     if IS_INTERPRETER:
-        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)  # 4 warps spill
-    # the entropy-gradient variant spills a few registers at 3 stages (sm_90 ptxas, Triton 3.9), not at 2
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2 if with_entropy_grad else 3)
+        return [dict(INTERPRETER_GEMM)]
+    lim = device_limits(device)
+    return fused_backward_configs(lim.capability, lim.smem_per_block, dtype, with_entropy_grad)
+
+
+# (device, dtype, entropy-grad flag) -> index of the candidate that launched: later calls start there
+_chosen: dict = {}
+
+
+def _launch(cfg: dict, m: int, v: int, args: tuple, flags: dict) -> None:
+    num_m_blocks, num_v_blocks = cdiv(m, cfg["BLOCK_M"]), cdiv(v, cfg["BLOCK_V"])
+    check_grid(num_m_blocks * num_v_blocks)
+    _fused_backward_kernel[(num_m_blocks * num_v_blocks,)](*args, num_m_blocks, num_v_blocks, **flags, **cfg,
+                                                           **FP_FUSION)
+
+
+def _launch_first_that_fits(cfgs: list[dict], key, m: int, v: int, args: tuple, flags: dict) -> None:
+    """Launch with the first candidate whose resources the device has: Triton raises OutOfResources before any
+    program runs (nothing is written), so the next, smaller candidate can take over; later calls start there."""
+    for i in range(_chosen.get(key, 0), len(cfgs)):
+        try:
+            _launch(cfgs[i], m, v, args, flags)
+        except OutOfResources:
+            if i == len(cfgs) - 1:
+                raise
+            continue
+        _chosen[key] = i
+        return
 
 
 def filter_eps(dtype: torch.dtype, vocab: int) -> float:
@@ -80,7 +108,7 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, 
     |dz_iv| <= filter_eps * (|g_i| + |e_i|) / T; COUNT_SKIPS adds 1 to skip_ptr[0] (int32) per skipped tile.
     Grid: (num_m_blocks * num_v_blocks,), ordered in groups of GROUP_M row blocks that sweep the vocab blocks
     together: consecutive programs share a W tile and a group's h blocks stay hot in L2. A row block whose g (and
-    e) is all zero does nothing."""
+    e) is all zero does nothing; a NaN g or e counts as live."""
     pid = tl.program_id(0)
     per_group = GROUP_M * num_v_blocks
     first_m = (pid // per_group) * GROUP_M
@@ -96,7 +124,9 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, 
         weight_of_rows = tl.abs(g) + tl.abs(ge)
     else:
         weight_of_rows = tl.abs(g)
-    if tl.max(weight_of_rows, axis=0) > 0.0:
+    # live rows counted as `!= 0`, which a NaN passes (a max drops NaN on the GPU, propagates it in the
+    # interpreter): a block holding a NaN row is always computed, so the NaN reaches the gradients (NaN rule)
+    if tl.sum((weight_of_rows != 0.0).to(tl.int32), axis=0) > 0:
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         h_rows = h_ptr + rows.to(tl.int64) * stride_hm
@@ -201,20 +231,19 @@ def fused_linear_backward(hidden, weight, bias, targets, lse, grad, temperature:
     dw = torch.zeros((v, h_dim), dtype=torch.float32, device=dev) if need_weight else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else None
     if m > 0 and (need_hidden or need_weight or need_bias):
-        cfg = _config(hidden.dtype, with_eg)
-        num_m_blocks = cdiv(m, cfg["BLOCK_M"])
-        num_v_blocks = cdiv(v, cfg["BLOCK_V"])
-        check_grid(num_m_blocks * num_v_blocks)
         dummy = grad  # never dereferenced when its constexpr flag is off
-        _fused_backward_kernel[(num_m_blocks * num_v_blocks,)](
-            hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
-            entropy if with_eg else dummy, grad_entropy if with_eg else dummy,
-            dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-            skipped_tiles if skipped_tiles is not None else targets,
-            m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, filter_eps(hidden.dtype, v), num_m_blocks,
-            num_v_blocks, HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias,
-            WITH_ENTROPY_GRAD=with_eg, FILTER=grad_filter, COUNT_SKIPS=grad_filter and skipped_tiles is not None,
-            DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg)
+        args = (hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
+                entropy if with_eg else dummy, grad_entropy if with_eg else dummy,
+                dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+                skipped_tiles if skipped_tiles is not None else targets,
+                m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, filter_eps(hidden.dtype, v))
+        flags = dict(HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias,
+                     WITH_ENTROPY_GRAD=with_eg, FILTER=grad_filter,
+                     COUNT_SKIPS=grad_filter and skipped_tiles is not None, DOT_FP32=DOT_FP32,
+                     PRECISION=dot_precision(hidden.dtype))
+
+        cfgs = _configs(dev, hidden.dtype, with_eg)
+        _launch_first_that_fits(cfgs, (str(dev), hidden.dtype, with_eg), m, v, args, flags)
     if dh is not None and dh.dtype != hidden.dtype:
         dh = dh.to(hidden.dtype)
     return dh, dw, db

@@ -20,17 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_FP32, IS_INTERPRETER, cdiv, check_device, check_float_matrix, check_grid, dot_precision,
-                      inv_temperature, logits_tile, lse_finish, lse_init, lse_merge, lse_update, num_sms, prepare_bias,
-                      prepare_targets, row_major)
+from ._common import (DOT_FP32, FP_FUSION, IS_INTERPRETER, cdiv, check_device, check_float_matrix, check_grid,
+                      dot_precision, inv_temperature, logits_tile, lse_finish, lse_init, lse_merge, lse_update, num_sms,
+                      prepare_bias, prepare_targets, row_major)
+from .configs import INTERPRETER_GEMM, device_limits, fused_forward_config
 
 
-def _config(dtype: torch.dtype) -> dict:
+def _config(device: torch.device, dtype: torch.dtype) -> dict:
     if IS_INTERPRETER:  # tl.dot needs >= 16 per dim; small tiles so tiny test shapes still span several tiles
-        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
-    if dtype == torch.float32:  # fp32 dots run without tensor cores (ieee) unless TF32 is enabled: smaller tiles
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(INTERPRETER_GEMM)
+    lim = device_limits(device)
+    return fused_forward_config(lim.capability, lim.smem_per_block, dtype)
 
 
 # Programs per SM the vocabulary split aims for: with one 128x128 program per SM (it uses ~250 registers/thread),
@@ -167,7 +167,7 @@ def fused_linear_stats(hidden, weight, bias, targets, temperature: float, return
     if m == 0:
         return lse, logp, ent
 
-    cfg = _config(hidden.dtype)
+    cfg = _config(dev, hidden.dtype)
     num_m_blocks = cdiv(m, cfg["BLOCK_M"])
     n_splits, tiles_per_split = _pick_splits(num_m_blocks, cdiv(v, cfg["BLOCK_V"]), num_sms(dev), cfg["GROUP_M"])
     check_grid(num_m_blocks * n_splits)
@@ -176,9 +176,11 @@ def fused_linear_stats(hidden, weight, bias, targets, temperature: float, return
         hidden, weight, bias if bias is not None else hidden, targets, lse, logp, ent if ent is not None else lse,
         part, m, v, h_dim, hidden.stride(0), weight.stride(0), inv_t, num_m_blocks, tiles_per_split,
         n_splits * m, n_splits, HAS_BIAS=bias is not None, WITH_ENTROPY=bool(return_entropy),
-        SINGLE_SPLIT=n_splits == 1, DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg)
+        SINGLE_SPLIT=n_splits == 1, DOT_FP32=DOT_FP32, PRECISION=dot_precision(hidden.dtype), **cfg,
+        **FP_FUSION)
     if n_splits > 1:
         block = 16 if IS_INTERPRETER else 256
         _combine_kernel[(cdiv(m, block),)](part, targets, lse, logp, ent if ent is not None else lse, m, v, n_splits,
-                                           n_splits * m, WITH_ENTROPY=bool(return_entropy), BLOCK_M=block)
+                                           n_splits * m, WITH_ENTROPY=bool(return_entropy), BLOCK_M=block,
+                                           **FP_FUSION)
     return lse, logp, ent

@@ -15,11 +15,14 @@ import triton.language as tl
 
 from ..loss_math import LossParts, TokenTerms, _gamma_weights
 from ..options import CLIPPED_LOSS_TYPES, LossOptions
-from ._common import cdiv, check_grid, prepare_row_vector
+from ._common import FP_FUSION, cdiv, check_grid, prepare_row_vector
 
 BLOCK = 1024
 NUM_WARPS = 4
 NUM_PARTS = 5  # loss, kl, clip low, clip high, clip region
+
+# min / max that return NaN when either side is NaN, as torch.minimum and clamp do (Triton's default drops it).
+NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 # LOSS_KIND values of the kernel.
 CLIPPED, CISPO, SAPO, VESPO = 0, 1, 2, 3
@@ -49,7 +52,8 @@ def _token_loss_kernel(logp_ptr, w_ptr, m_ptr, adv_ptr, old_ptr, ref_ptr, rho_pt
         sapo:           l = -sigmoid(k (r - 1)) 4/k A, k = kappa_pos if A > 0 else kappa_neg
         vespo:          l = -sg(phi) A logp  (phi given)
     times rho (vLLM ratio, not vespo); plus beta * kl with kl = exp(ref - logp) - (ref - logp) - 1 (times r when
-    BIAS_CORR) when HAS_REF. Writes grad_t = d(sum_t w_t l_t)/dlogp_t (the derivative through r included; torch's
+    BIAS_CORR) when HAS_REF; plus 0 * (logp - logp) in the loss and its gradient, so that a non-finite logp makes
+    both NaN (the NaN rule of loss_math). Writes grad_t = d(sum_t w_t l_t)/dlogp_t (the derivative through r included; torch's
     half-half split on min ties and clamp's closed interval) and, per program, the partial sums
         [sum w l, sum m kl, sum m low, sum m high, sum m (low | high)]  into part_ptr[pid, 0:5].
     Grid: (cdiv(M, BLOCK),); each program owns BLOCK consecutive tokens."""
@@ -73,14 +77,14 @@ def _token_loss_kernel(logp_ptr, w_ptr, m_ptr, adv_ptr, old_ptr, ref_ptr, rho_pt
     dl0_dr = zero
     dl0_direct = zero
     if LOSS_KIND == 0:
-        clipped = tl.minimum(tl.maximum(r, lo), hi)
+        clipped = tl.minimum(tl.maximum(r, lo, propagate_nan=NAN), hi, propagate_nan=NAN)
         if HAS_DELTA:
-            r_cap = tl.minimum(r, delta)
+            r_cap = tl.minimum(r, delta, propagate_nan=NAN)
         else:
             r_cap = r
         a = r_cap * adv
         b = clipped * adv
-        l0 = -tl.minimum(a, b)
+        l0 = -tl.minimum(a, b, propagate_nan=NAN)
         if NEED_GRAD:
             if HAS_DELTA:
                 d_cap = tl.where(r <= delta, 1.0, 0.0)
@@ -92,7 +96,7 @@ def _token_loss_kernel(logp_ptr, w_ptr, m_ptr, adv_ptr, old_ptr, ref_ptr, rho_pt
         low = (r_cap < lo) & (adv < 0.0)
         high = (r_cap > hi) & (adv > 0.0)
     elif LOSS_KIND == 1:
-        coef = tl.minimum(r, eps_high)
+        coef = tl.minimum(r, eps_high, propagate_nan=NAN)
         l0 = -coef * adv * logp
         dl0_direct = -coef * adv
         high = (r > eps_high) & (adv > 0.0)
@@ -131,8 +135,11 @@ def _token_loss_kernel(logp_ptr, w_ptr, m_ptr, adv_ptr, old_ptr, ref_ptr, rho_pt
             direct += beta * w * dk
         loss_t += beta * (w * kl)
 
+    # NaN rule (loss_math): + 0 * (logp - logp), 0 for a finite logp, NaN for a non-finite one
+    nan_guard = logp - logp
+    loss_t += nan_guard
     if NEED_GRAD:
-        tl.store(grad_ptr + offs, via_r * r + direct, mask=valid)
+        tl.store(grad_ptr + offs, via_r * r + direct + nan_guard, mask=valid)
 
     region = low | high
     part = part_ptr + pid.to(tl.int64) * 5
@@ -194,7 +201,7 @@ def token_loss_grad(logp: torch.Tensor, terms: TokenTerms, opts: LossOptions, ne
         _f32(opts.epsilon_high), _f32(opts.beta), _f32(opts.sapo_temperature_pos), _f32(opts.sapo_temperature_neg),
         LOSS_KIND=kind, HAS_OLD=old is not None, HAS_REF=kl_on, HAS_RHO=rho is not None,
         BIAS_CORR=bool(opts.use_bias_correction_kl), HAS_DELTA=opts.delta is not None, NEED_GRAD=bool(need_grad),
-        BLOCK=BLOCK, num_warps=NUM_WARPS)
+        BLOCK=BLOCK, num_warps=NUM_WARPS, **FP_FUSION)
     sums = parts.sum(0)
     return LossParts(loss=sums[0], grad=grad, kl_sum=sums[1], clip_low=sums[2], clip_high=sums[3],
                      clip_region=sums[4])
