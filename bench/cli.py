@@ -5,87 +5,30 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
 from typing import Callable
 
 from . import shapes
-
-MARK = "@@BENCH@@ "
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
+from .common import RESULTS_DIR, call_worker, detect_device, device_slug, emit_record, git_info, read_task
 
 # ------------------------------------------------------------------------------------------------ workers
 
 
-def call_worker(
-    task: dict,
-    on_record: Callable[[dict], None],
-    in_process: bool = False,
-    timeout_s: float | None = None,
-) -> tuple[int, str]:
-    """Run one worker task; `on_record` gets each emitted dict as it arrives. Returns (exit code, stderr tail)."""
-    if in_process:
+def worker_entry() -> None:
+    """`python -m bench _worker`: run the task read from stdin with the function that serves its kind."""
+    task = read_task()
+    if task.get("kind") == "step":
+        from .step import run_step_task
+
+        run_step_task(task, emit_record)
+    else:
         from .measure import worker_main
 
-        worker_main(task, on_record)
-        return 0, ""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    with tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench", "_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            cwd=str(REPO_ROOT),
-            env=env,
-        )
-        timer = threading.Timer(timeout_s, proc.kill) if timeout_s else None
-        if timer:
-            timer.start()
-        try:
-            proc.stdin.write(json.dumps(task))
-            proc.stdin.close()
-            for line in proc.stdout:
-                if line.startswith(MARK):
-                    on_record(json.loads(line[len(MARK) :]))
-            rc = proc.wait()
-        finally:
-            if timer:
-                timer.cancel()
-        err.seek(0)
-        tail = err.read()[-2000:]
-    return rc, tail
-
-
-def worker_entry() -> None:
-    task = json.loads(sys.stdin.read())
-    from .measure import worker_main
-
-    def emit(rec: dict) -> None:
-        sys.stdout.write(MARK + json.dumps(rec, default=str) + "\n")
-        sys.stdout.flush()
-
-    worker_main(task, emit)
+        worker_main(task, emit_record)
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
-
-
-def detect_device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_suite(
@@ -105,7 +48,7 @@ def run_suite(
 ) -> dict:
     """Measure every (implementation, case); returns {'env': ..., 'records': [...]}, one record per pair.
     `on_job_done`, when given, gets {'env', 'records'} so far after each worker (to save partial results)."""
-    from .measure import reset_peak_rss
+    from .measure import reset_peak_rss, worker_main
 
     dtypes = sorted({c.dtype for c in cases})
     env: dict = {}
@@ -114,6 +57,7 @@ def run_suite(
         lambda r: env.update(r["env"]),
         in_process,
         worker_timeout_s,
+        body=worker_main,
     )
     if rc != 0 or not env:
         # not fatal: the implementations can still be measured, only the GEMM ceiling (roofline) is missing
@@ -146,7 +90,7 @@ def run_suite(
                 "seed": seed,
                 "threads": threads,
             }
-            rc, tail = call_worker(task, on_record, in_process, worker_timeout_s)
+            rc, tail = call_worker(task, on_record, in_process, worker_timeout_s, body=worker_main)
             done = {r["case"]["key"] for r in got}
             for c in job_cases:
                 if c.key not in done:
@@ -198,31 +142,6 @@ class _Progress:
     def close(self) -> None:
         if self._p:
             self._p.stop()
-
-
-# ------------------------------------------------------------------------------------------------ metadata
-
-
-def git_info() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-
-    head = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain")
-    return {
-        "commit": head.stdout.strip() if head and head.returncode == 0 else None,
-        "dirty": bool(status.stdout.strip()) if status and status.returncode == 0 else None,
-    }
-
-
-def device_slug(env: dict) -> str:
-    if env.get("device_type") != "cuda":
-        return "cpu"
-    name = env.get("device_name", "cuda").lower()
-    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").replace("--", "-")
 
 
 # ------------------------------------------------------------------------------------------------ argparse

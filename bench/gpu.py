@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import REPO_ROOT, RESULTS_DIR
+from .common import REPO_ROOT, RESULTS_DIR
 
 MAX_FILES = 8  # what the device tool brings back from $OUT
 LOG_TAIL = 60_000  # characters of each part's output kept in gpu.log
@@ -433,7 +433,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .cli import git_info
+    from .common import git_info
 
     parts = plan()
     if args.parts:

@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import gc
 import math
-import os
 import platform
 import resource
 import statistics
@@ -464,14 +463,10 @@ def _version(mod: str) -> str | None:
 
 
 def worker_main(task: dict, emit: Callable[[dict], None]) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """Worker body of the 'env' and 'impl' task kinds (bench.step.run_step_task serves 'step')."""
     if task["kind"] == "env":
         emit({"env": env_task(task)})
     elif task["kind"] == "impl":
         run_impl_task(task, emit)
-    elif task["kind"] == "step":
-        from .step import run_step_task
-
-        run_step_task(task, emit)
     else:
         raise ValueError(f"unknown worker task kind {task['kind']!r}")

@@ -360,7 +360,8 @@ def to_markdown(res: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from .cli import RESULTS_DIR, call_worker, detect_device, device_slug, git_info
+    from .common import RESULTS_DIR, call_worker, detect_device, device_slug, git_info
+    from .measure import worker_main
 
     if args.quick:
         args.model, args.steps, args.warmup_steps = "tiny", 3, 2
@@ -387,6 +388,7 @@ def main(args: argparse.Namespace) -> dict:
         {"kind": "env", "device": device, "dtypes": [], "threads": args.threads},
         lambda r: env.update(r["env"]),
         args.in_process,
+        body=worker_main,
     )
     started = _dt.datetime.now(_dt.timezone.utc)
     records = []
@@ -397,7 +399,7 @@ def main(args: argparse.Namespace) -> dict:
         }  # fmt: skip
         got: list[dict] = []
         print(f"step: {v} ...", file=sys.stderr, flush=True)
-        rc, tail = call_worker(task, got.append, args.in_process, args.worker_timeout)
+        rc, tail = call_worker(task, got.append, args.in_process, args.worker_timeout, body=run_step_task)
         records += got or [{"variant": v, "model": args.model, "status": "crashed", "error": f"worker exited {rc}: {tail[-400:]}"}]
     res = {
         "meta": {

@@ -40,8 +40,6 @@ import dataclasses
 import difflib
 import json
 import os
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -480,40 +478,6 @@ class GRPOConfig:
         _check_keys(overrides)
         return cls.from_dict({**PRESETS[name], **overrides})
 
-    @classmethod
-    def coerce_value(cls, name: str, text: str) -> Any:
-        """Parse a command-line string for field ``name`` according to its annotation ("none" → None, JSON for lists
-        and dicts, true/false for bools)."""
-        _check_keys({name: None})
-        if not isinstance(text, str):
-            return text
-        kinds = _annotation_kinds(typing.get_type_hints(cls)[name])
-        low = text.strip().lower()
-        if low in ("none", "null") and type(None) in kinds:
-            return None
-        if bool in kinds:
-            if low in ("true", "1", "yes"):
-                return True
-            if low in ("false", "0", "no"):
-                return False
-        for kind in (int, float):
-            if kind in kinds:
-                try:
-                    return kind(text)
-                except ValueError:
-                    pass
-        if (list in kinds or dict in kinds) and text.strip()[:1] in "[{":
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{name}: {text!r} is not valid JSON: {e}") from None
-        if list in kinds and str not in kinds:
-            items = [x.strip() for x in text.split(",") if x.strip()]
-            return [float(x) for x in items] if name == "reward_weights" else items
-        if str in kinds:
-            return text
-        raise ValueError(f"{name}: cannot read {text!r} as {' or '.join(sorted(k.__name__ for k in kinds))}")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Presets. The loop helper (trainer owner) may tune the NUMBERS inside PRESETS; names, keys and meaning stay here.
@@ -655,8 +619,3 @@ def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False, h
         tail = f": {hint}" if hint else ""
         raise ValueError(f"{name} must be a number {rng}, got {value!r}{tail}")
 
-
-def _annotation_kinds(annotation) -> set:
-    args = typing.get_args(annotation)
-    parts = args if (typing.get_origin(annotation) in (typing.Union, types.UnionType)) else (annotation,)
-    return {typing.get_origin(p) or p for p in parts}

@@ -274,6 +274,12 @@ def detect_format(rows: list[dict]) -> str:
     )
 
 
+def is_conversational(prompt: Any) -> bool:
+    """A chat prompt: a list of {"role", "content"} messages (TRL's convention: the first item is a dict with a
+    "role"). The one rule for the whole trainer: what gets the chat template also gets chat-shaped completions."""
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
 def to_prompt_rows(
     rows: list[dict],
     system_prompt: str | None = None,
@@ -337,9 +343,3 @@ def split_train_eval(rows: list, eval_size: int | float, seed: int) -> tuple[lis
     held = [r for i, r in enumerate(rows) if i in chosen]
     return train, held
 
-
-def repeat_columns(rows: list[dict[str, Any]], num_generations: int) -> dict[str, list]:
-    """Columns of ``rows`` with every value repeated ``num_generations`` times (one per completion), the layout
-    ``score_completions`` expects; ``prompt`` is left out (it is passed separately)."""
-    keys = [k for k in rows[0] if k != "prompt"] if rows else []
-    return {k: [row.get(k) for row in rows for _ in range(num_generations)] for k in keys}

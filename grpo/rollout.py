@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .data import is_conversational
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt order
@@ -80,11 +82,6 @@ def rank_slice(items: list, rank: int, world_size: int) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenization and generation
 # ----------------------------------------------------------------------------------------------------------------
-def is_conversational(prompt: Any) -> bool:
-    """A conversational prompt is a list of {"role", "content"} messages (TRL's convention)."""
-    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
-
-
 def prompt_text(tokenizer, prompt: Any) -> str:
     """The text the model sees: the chat template with the generation prompt for conversations, else the string."""
     if is_conversational(prompt):

@@ -21,20 +21,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .data import is_conversational
 from .errors import RewardFunctionError, UnscorableRewardsError
 from .rewards import REWARD_FUNCS
 
 _NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # TRL passes these separately, never as columns
 _MAX_REWARD = float(torch.finfo(torch.float32).max)  # rewards are held in float32: larger ones would become inf
-
-
-def is_conversational(prompt) -> bool:
-    """True for a chat prompt: a list of {"role", "content"} messages."""
-    return (
-        isinstance(prompt, (list, tuple))
-        and len(prompt) > 0
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -29,18 +29,14 @@ import inspect
 
 import torch
 
+from grpo_kernels.options import CLIPPED_LOSS_TYPES
+
 GLOBAL_NORM_LOSSES = ("dapo", "cispo", "vespo")  # normalized by the generation batch's token count
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
 def check_supported(model, args) -> None:
     """Fail early on what the fused loss cannot express."""
-    if args.entropy_coef != 0.0 and not entropy_is_differentiable():
-        raise NotImplementedError(
-            f"entropy_coef={args.entropy_coef}: the entropy bonus needs a differentiable per-token entropy from "
-            "grpo_kernels.linear_logprobs(..., return_entropy=True), and this grpo_kernels returns it detached. "
-            "Use entropy_coef=0.0."
-        )
     config = getattr(model, "config", None)
     for name in ("final_logit_softcapping", "logit_softcapping"):
         if getattr(config, name, None):
@@ -251,7 +247,7 @@ def micro_step(model, loss_fn, mb, args, world_size: int, skip_zero_signal: bool
     sums = {"entropy": (float(metrics.entropy) * tokens, tokens)}
     if args.beta != 0.0:
         sums["kl"] = (float(metrics.kl) * tokens, tokens)
-    if args.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+    if args.loss_type in CLIPPED_LOSS_TYPES:
         for name, value in zip(CLIP_METRICS, (metrics.clip_ratio_low, metrics.clip_ratio_high, metrics.clip_ratio)):
             sums[name] = (float(value) * clip_count, clip_count)
     elif args.loss_type == "cispo":
@@ -273,7 +269,7 @@ def zero_signal_sums(args, clip_count: float) -> dict[str, tuple[float, float]]:
     `clip_count`; the entropy has no tokens here (count 0), so the logged entropy is the mean over the
     micro-batches with signal (None for a step without any)."""
     sums = {"entropy": (0.0, 0.0)}
-    if args.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+    if args.loss_type in CLIPPED_LOSS_TYPES:
         sums.update({name: (0.0, clip_count) for name in CLIP_METRICS})
     elif args.loss_type == "cispo":
         sums["cispo_clip_ratio"] = (0.0, clip_count)
@@ -327,15 +323,6 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor 
     gradient_accumulation_steps only (not by a loss type's normalizer); the loss subtracts entropy_coef × it."""
     effective = mask.to(entropy.dtype) if keep is None else mask.to(entropy.dtype) * keep.to(entropy.dtype)
     return (entropy * effective).sum() / effective.sum().clamp(min=1.0) / args.gradient_accumulation_steps
-
-
-def entropy_is_differentiable() -> bool:
-    """Whether gk.linear_logprobs(..., return_entropy=True) gives an entropy that gradients flow through."""
-    import grpo_kernels as gk
-
-    h = torch.randn(2, 3, requires_grad=True)
-    _, ent = gk.linear_logprobs(h, torch.randn(5, 3), torch.tensor([0, 4]), return_entropy=True, backend="torch")
-    return ent.requires_grad
 
 
 def _gather_varlen(values: torch.Tensor) -> torch.Tensor:

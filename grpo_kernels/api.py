@@ -9,10 +9,10 @@ from typing import Optional
 
 import torch
 
-from . import batch as checks
+from . import inputs as checks
 from . import vocab_parallel
 from .backends import get_ops, resolve_backend
-from .batch import make_plan
+from .plan import make_plan
 from .metrics import LossMetrics
 from .no_autocast import no_autocast
 from .options import LossOptions

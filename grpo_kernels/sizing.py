@@ -190,12 +190,6 @@ def _chunk_rows(num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_g
     return rows, why
 
 
-def choose_strategy(strategy: str, num_rows: int, vocab: int, hidden: int, dtype: torch.dtype,
-                    device: torch.device, torch_epilogue: bool = False, weight_grad: bool = True) -> str:
-    """'auto' -> 'chunked' or 'fused' by the fixed rule of the module docstring; other values pass through."""
-    return _strategy(strategy, num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad)[0]
-
-
 def _strategy(strategy, num_rows, vocab, hidden, dtype, device, torch_epilogue, weight_grad) -> tuple[str, str]:
     if strategy != "auto":
         return strategy, "asked for"

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .batch import Plan
+from .plan import Plan
 from . import torch_ops
 from .loss_math import token_loss_and_grad
 from .no_autocast import no_autocast

@@ -31,9 +31,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import batch as checks
+from . import inputs as checks
 from . import torch_ops
-from .batch import make_plan
+from .plan import make_plan
 from .loss_math import token_loss_and_grad
 from .no_autocast import no_autocast
 from .metrics import LossMetrics

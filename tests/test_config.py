@@ -178,20 +178,22 @@ def test_presets_build_and_override():
         GRPOConfig.from_preset("smok")
 
 
-def test_coerce_value_for_cli():
-    cv = GRPOConfig.coerce_value
-    assert cv("learning_rate", "3e-6") == 3e-6
-    assert cv("max_steps", "10") == 10
-    assert cv("max_prompt_length", "none") is None
-    assert cv("bf16", "true") is True and cv("gradient_checkpointing", "0") is False
-    assert cv("reward_weights", "1,0.2") == [1.0, 0.2] and cv("reward_weights", "[1, 2]") == [1, 2]
-    assert cv("model_init_kwargs", '{"dtype": "bfloat16"}') == {"dtype": "bfloat16"}
-    assert cv("loss_type", "grpo") == "grpo"
-    assert cv("max_grad_norm", "1") == 1.0 and isinstance(cv("max_grad_norm", "1"), float)
-    with pytest.raises(ValueError, match="max_steps"):
-        cv("max_steps", "ten")
-    with pytest.raises(TypeError, match="did you mean 'max_steps'"):
-        cv("max_step", "1")
+def test_flag_values_are_read_by_the_field_annotation():
+    """`grpo train` reads each flag's string as its field's type ("none" for None, JSON for lists and dicts)."""
+    from grpo import cli
+
+    c, _ = cli.build_run(["--learning_rate", "3e-6", "--max_steps", "10", "--max_prompt_length", "none",
+                          "--bf16", "true", "--gradient_checkpointing", "0", "--reward_weights", "1,0.2",
+                          "--model_init_kwargs", '{"dtype": "bfloat16"}', "--loss_type", "grpo", "--max_grad_norm", "1"])
+    assert c.learning_rate == 3e-6 and c.max_steps == 10 and c.max_prompt_length is None
+    assert c.bf16 is True and c.gradient_checkpointing is False
+    assert c.reward_weights == [1.0, 0.2] and cli.build_run(["--reward_weights", "[1, 2]"])[0].reward_weights == [1, 2]
+    assert c.model_init_kwargs == {"dtype": "bfloat16"} and c.loss_type == "grpo"
+    assert c.max_grad_norm == 1.0 and isinstance(c.max_grad_norm, float)
+    with pytest.raises(SystemExit, match="--max_steps.*cannot read 'ten' as int"):
+        cli.build_run(["--max_steps", "ten"])
+    with pytest.raises(SystemExit, match="did you mean --max_steps"):
+        cli.build_run(["--max_step", "1"])
 
 
 def test_entropy_options_validated():

@@ -10,7 +10,6 @@ from grpo.data import (
     detect_format,
     load_dataset,
     make_arithmetic_problems,
-    repeat_columns,
     split_train_eval,
     to_prompt_rows,
 )
@@ -201,8 +200,19 @@ def test_split_train_eval():
         split_train_eval(rows, 1.5, seed=0)
 
 
-def test_repeat_columns_for_scoring():
-    rows = to_prompt_rows(ROWS)
-    cols = repeat_columns(rows, 3)
-    assert set(cols) == {"question", "answer"}
-    assert cols["answer"] == [ROWS[0]["answer"]] * 3 + [ROWS[1]["answer"]] * 3
+def test_one_conversational_rule_for_generation_and_scoring():
+    """The prompt that gets the chat template (rollout) is the prompt whose completions are scored as chat messages
+    (scoring): a message without "content" after the first, or a tuple of messages, once split the two rules."""
+    from grpo import rollout, scoring
+
+    chat = {"role": "user", "content": "2+3?"}
+    prompts = {  # prompt: conversational under TRL's rule (a list whose first item is a dict with a "role")
+        "text": ("2+3?", False),
+        "empty list": ([], False),
+        "chat": ([chat], True),
+        "tool turn without content": ([chat, {"role": "assistant", "tool_calls": []}], True),
+        "tuple of messages": ((chat,), False),
+    }
+    for name, (prompt, want) in prompts.items():
+        assert rollout.is_conversational(prompt) is want, name
+        assert scoring.is_conversational(prompt) is want, name

@@ -165,7 +165,9 @@ def test_fsdp_option_is_validated(tmp_path):
         GRPOConfig(output_dir=str(tmp_path), fsdp="shard_grad_op")
     with pytest.raises(NotImplementedError, match="offload"):
         GRPOConfig(output_dir=str(tmp_path), fsdp="full_shard offload")
-    assert GRPOConfig.coerce_value("fsdp", "full_shard") == "full_shard"
+    from grpo import cli
+
+    assert cli.build_run(["--fsdp", "full_shard"])[0].fsdp == "full_shard"
 
 
 @pytest.mark.gpu

@@ -328,11 +328,11 @@ def test_inputs_on_a_device_that_is_not_current():
 @pytest.mark.parametrize("strategy", ["chunked", "fused"])
 def test_no_syncs_besides_the_plans_one(strategy, monkeypatch):
     """With torch.cuda.set_sync_debug_mode("error"), any host-device sync raises, except inside the plan's one
-    documented sync point (batch._to_host), which must run exactly once per call, whatever the number of chunks."""
-    from grpo_kernels import batch
+    documented sync point (plan._to_host), which must run exactly once per call, whatever the number of chunks."""
+    from grpo_kernels import plan
 
     calls = []
-    real = batch._to_host
+    real = plan._to_host
 
     def to_host(t):
         calls.append(1)
@@ -343,7 +343,7 @@ def test_no_syncs_besides_the_plans_one(strategy, monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode(mode)
 
-    monkeypatch.setattr(batch, "_to_host", to_host)
+    monkeypatch.setattr(plan, "_to_host", to_host)
     p = _to(oracle.make_problem(B=6, T=50, H=64, V=1003, seed=9, bias=True, ref="given", vllm=True,
                                 num_items="tensor"), DEV)
     cases = [dict(loss_type=lt, importance_sampling_level=lv, chunk_size=c)

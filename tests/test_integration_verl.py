@@ -175,17 +175,13 @@ def test_patch_puts_ours_where_verl_looks_and_unpatch_restores(fake_verl):
     assert calls == []
 
 
-def test_process_group_goes_to_verl_until_grpo_kernels_has_vocab_parallel(fake_verl, monkeypatch):
+def test_process_group_goes_to_grpo_kernels_vocab_parallel(fake_verl, monkeypatch):
     _, _, calls = fake_verl
     gkv.patch()
+    gkv.reset_call_counts()
     hidden, weight, labels = _problem()
     group = object()
-    had_vocab_parallel = gkv._has_vocab_parallel()
-    if not had_vocab_parallel:
-        gkv.reset_call_counts()
-        assert gkv.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group) == "verl's own"
-        assert calls == [group] and gkv.call_counts() == {"ours": 0, "verl": 1}
-    # once linear_logprobs takes process_group, ours is used and gets the group (world size > 1)
+    # ours is used and gets the group (world size > 1); verl's own function is never called
     seen = {}
     real = gkv.gk.linear_logprobs
 
@@ -199,7 +195,7 @@ def test_process_group_goes_to_verl_until_grpo_kernels_has_vocab_parallel(fake_v
     monkeypatch.setattr(gkv, "_world_size", lambda g: 2)
     logp, entropy = gkv.linear_cross_entropy(hidden, weight, labels, 1.0, "sum", group)
     assert seen["group"] is group and logp.shape == () and entropy.shape == (labels.numel(),)
-    assert len(calls) == (0 if had_vocab_parallel else 1)
+    assert calls == [] and gkv.call_counts() == {"ours": 1, "verl": 0}
 
 
 def test_external_lib_module_patches_on_import(fake_verl):

@@ -15,7 +15,7 @@ import oracle
 from conftest import rel_err
 
 import grpo_kernels as gk
-from grpo_kernels import batch, sizing, strategies
+from grpo_kernels import plan, sizing, strategies
 
 GIB = 1 << 30
 CUDA0 = torch.device("cuda", 0)  # never touched: the memory queries below are patched
@@ -99,6 +99,12 @@ def test_floor_of_1024_rows_and_clear_error(gpu_memory):
         assert sizing.default_chunk_size(50000, V, H, torch.bfloat16, CUDA0, weight_grad=True) >= 1024, gib
 
 
+def _strategy(strategy, n, V, H, dtype, device, weight_grad=True):
+    """The strategy size_call picks (chunk_size given, so the chunk rows do not depend on free memory)."""
+    return sizing.size_call("test", strategy, 1, n, V, H, dtype, device, torch_epilogue=False,
+                            weight_grad=weight_grad).strategy
+
+
 def test_auto_is_the_same_whatever_memory_is_free(gpu_memory):
     """The per-step variation of free memory in a training loop never flips the strategy."""
     cases = [(16384, 128256, 4096, True), (16384, 151936, 8192, True), (300, 32000, 512, False)]
@@ -106,14 +112,14 @@ def test_auto_is_the_same_whatever_memory_is_free(gpu_memory):
         picks = set()
         for gib in (0.5, 1, 3, 10, 70):
             gpu_memory.avail = int(gib * GIB)
-            picks.add(sizing.choose_strategy("auto", n, V, H, torch.bfloat16, CUDA0, weight_grad=wgrad))
+            picks.add(_strategy("auto", n, V, H, torch.bfloat16, CUDA0, weight_grad=wgrad))
         assert picks == {"chunked"}, (n, V, H, picks)
     # the rule: chunked at its floor must fit in 1/8 of the device's total memory
     gpu_memory.total = 16 * GIB  # 2 GiB limit; a [152k, 4096] fp32 accumulator alone is 2.3 GiB
-    assert sizing.choose_strategy("auto", 16384, 151936, 4096, torch.bfloat16, CUDA0, weight_grad=True) == "fused"
-    assert sizing.choose_strategy("auto", 16384, 151936, 4096, torch.bfloat16, CUDA0, weight_grad=False) == "chunked"
-    assert sizing.choose_strategy("chunked", 16384, 151936, 4096, torch.bfloat16, CUDA0) == "chunked"
-    assert sizing.choose_strategy("auto", 16384, 151936, 4096, torch.bfloat16, torch.device("cpu")) == "chunked"
+    assert _strategy("auto", 16384, 151936, 4096, torch.bfloat16, CUDA0, weight_grad=True) == "fused"
+    assert _strategy("auto", 16384, 151936, 4096, torch.bfloat16, CUDA0, weight_grad=False) == "chunked"
+    assert _strategy("chunked", 16384, 151936, 4096, torch.bfloat16, CUDA0) == "chunked"
+    assert _strategy("auto", 16384, 151936, 4096, torch.bfloat16, torch.device("cpu")) == "chunked"
 
 
 def test_fused_is_never_refused_for_chunk_memory(gpu_memory):
@@ -186,7 +192,7 @@ def syncs(monkeypatch):
         other = []
     c = Count()
     inside = [False]
-    real_to_host = batch._to_host
+    real_to_host = plan._to_host
 
     def to_host(t):
         c.plan += 1
@@ -205,7 +211,7 @@ def syncs(monkeypatch):
             return real(self, *a, **k)
         return call
 
-    monkeypatch.setattr(batch, "_to_host", to_host)
+    monkeypatch.setattr(plan, "_to_host", to_host)
     for m in ("tolist", "item"):
         monkeypatch.setattr(torch.Tensor, m, reading(m))
     mode = _SyncCounter()
@@ -312,7 +318,7 @@ def test_indices_match_nonzero():
     for n, p in [(0, 0.5), (1, 1.0), (1, 0.0), (17, 0.3), (64, 1.0), (64, 0.0), (1000, 0.05)]:
         flag = torch.rand(n, generator=g) < p
         expect = flag.nonzero().squeeze(1)
-        got = batch._indices(flag, int(flag.sum()))
+        got = plan._indices(flag, int(flag.sum()))
         assert torch.equal(got, expect), (n, p)
 
 

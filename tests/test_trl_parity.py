@@ -251,9 +251,8 @@ def plain_linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, r
 def test_entropy_bonus_matches_trl(setup, monkeypatch, entropy_source):
     """entropy_coef (TRL's static control) with the top-entropy mask: TRL's loss, gradients and metrics.
 
-    "grpo_kernels" uses gk.linear_logprobs' entropy as shipped; while it is detached, the trainer must refuse
-    entropy_coef rather than train without the bonus' gradient. "plain torch" swaps in a differentiable
-    full-logits entropy to check the trainer's side of the bonus either way."""
+    "grpo_kernels" uses gk.linear_logprobs' entropy as shipped (differentiable); "plain torch" swaps in a
+    full-logits entropy to check the trainer's side of the bonus on its own."""
     import grpo_kernels as gk
 
     # One micro-batch per step: the quantile threshold and the bonus' mean are per micro-batch (TRL's too), so
@@ -261,10 +260,6 @@ def test_entropy_bonus_matches_trl(setup, monkeypatch, entropy_source):
     settings = dict(loss_type="grpo", beta=0.04, top_entropy_quantile=0.5, entropy_coef=0.05)
     if entropy_source == "plain torch":
         monkeypatch.setattr(gk, "linear_logprobs", plain_linear_logprobs)
-    elif not update.entropy_is_differentiable():
-        with pytest.raises(NotImplementedError, match="entropy_coef=0.05.*detached"):
-            run_ours(setup, **settings)
-        return
     ours, theirs = run_ours(setup, **settings), run_trl(setup, **settings)
     assert_same_run(ours, theirs)
     row = ours[0][0]

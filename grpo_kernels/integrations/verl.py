@@ -10,15 +10,13 @@ logprobs = log softmax(hidden @ weight.T / temperature)[label] (<= 0), shaped (N
 its sum / mean over the N tokens (0-d) for "sum" / "mean"; entropy is always per token, (N,). Both are
 differentiable w.r.t. hidden and weight. There is no bias and no ignore_index (verl passes token ids; a label
 outside [0, V) is a ValueError here, where verl's kernel would return an unwritten value).
-With `dist_process_group` (vocab-parallel LM head) it uses grpo_kernels' vocab-parallel path when
-`grpo_kernels.linear_logprobs` has a `process_group` argument, and verl's own function otherwise.
+With `dist_process_group` (vocab-parallel LM head) it uses grpo_kernels' vocab-parallel path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import math
 
 import torch
@@ -38,7 +36,8 @@ _counts = {"ours": 0, "verl": 0}
 
 
 def call_counts() -> dict:
-    """{'ours': calls computed by grpo_kernels, 'verl': calls handed to verl's function} since the last reset."""
+    """{'ours': calls computed by grpo_kernels, 'verl': calls handed to verl's function} since the last reset
+    ('verl' stays 0 since every call, vocab-parallel ones included, is ours; kept for callers that read it)."""
     return dict(_counts)
 
 
@@ -50,20 +49,10 @@ def is_patched() -> bool:
     return _bindings is not None
 
 
-def _has_vocab_parallel() -> bool:
-    return "process_group" in inspect.signature(gk.linear_logprobs).parameters
-
-
 def _world_size(group) -> int:
     import torch.distributed as dist
 
     return dist.get_world_size(group)
-
-
-def _verl_function():
-    if _verl_original is not None:
-        return _verl_original
-    return importlib.import_module(_HOME).linear_cross_entropy  # not patched: the module holds verl's own
 
 
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
@@ -85,12 +74,8 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
         raise ValueError(f"labels has {flat.numel()} elements (shape {tuple(labels.shape)}) but hidden has "
                          f"{h2d.shape[0]} tokens (shape {tuple(hidden.shape)})")
     kwargs = {}
-    if dist_process_group is not None:
-        if not _has_vocab_parallel():
-            _counts["verl"] += 1
-            return _verl_function()(hidden, weight, labels, temperature, reduction, dist_process_group)
-        if _world_size(dist_process_group) > 1:
-            kwargs["process_group"] = dist_process_group
+    if dist_process_group is not None and _world_size(dist_process_group) > 1:
+        kwargs["process_group"] = dist_process_group
     if not kwargs and isinstance(weight, torch.Tensor) and weight.dim() == 2 and flat.numel() \
             and bool(((flat < 0) | (flat >= weight.shape[0])).any()):
         # Vocab-parallel ids are global: grpo_kernels checks those against the whole vocabulary.
