@@ -25,7 +25,9 @@ def vllm_installed() -> bool:
 
 
 def validate_vllm_fields(config) -> None:
-    from .config import _check_choice, _check_int, _check_number
+    from .value_checks import check_choice as _check_choice
+    from .value_checks import check_int as _check_int
+    from .value_checks import check_number as _check_number
 
     if not isinstance(config.use_vllm, bool):
         raise ValueError(f"use_vllm must be True or False, got {config.use_vllm!r}")
