@@ -43,7 +43,7 @@ def test_precedence_preset_then_yaml_then_flags(tmp_path):
 
 
 def test_default_run_is_the_default_preset():
-    """The settings the README gives for the default run: 16 steps of 4 prompts x 8 completions, 40-token
+    """The settings docs/trainer.md gives for the default run: 16 steps of 4 prompts x 8 completions, 40-token
     completions, temperature 0.7, lr 2e-5, dapo, beta 0, on SmolLM2-135M-Instruct and the arithmetic problems."""
     config, run = cli.build_run([])
     assert run["preset"] == "default"
@@ -136,7 +136,7 @@ def test_eval_keeps_preset_and_yaml_values_of_fields_it_has_no_flag_for(tmp_path
     cfg.write_text("learning_rate: 3.0e-5\neval_max_samples: 7\n")  # one file for train and eval
     config, run = cli.build_run([str(cfg)], "eval")
     assert config.learning_rate == 3e-5 and config.eval_max_samples == 7
-    assert config.max_completion_length == 40  # the default preset's, as the README gives it (GRPOConfig alone has 256)
+    assert config.max_completion_length == 40  # the default preset's, as docs/trainer.md gives it (GRPOConfig alone has 256)
 
 
 def test_help_shows_the_chosen_presets_defaults(capsys):

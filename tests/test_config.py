@@ -171,7 +171,7 @@ def test_presets_build_and_override():
         if c.reward_weights is not None:
             assert len(c.reward_weights) == len(PRESET_RUNS[name]["reward_funcs"])
     d = GRPOConfig.from_preset("default")
-    # The README's default run: 4 prompts x 8 completions per step.
+    # The default run (docs/trainer.md): 4 prompts x 8 completions per step.
     assert (d.generation_batch_size, d.num_generations) == (32, 8)
     assert GRPOConfig.from_preset("default", max_steps=3).max_steps == 3
     with pytest.raises(ValueError, match=r"unknown preset 'smok'.*Did you mean 'smoke'"):
