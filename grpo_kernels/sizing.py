@@ -50,10 +50,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
+
+from . import env_flags
+from .row_layout import row_stride
 
 _GIB = 1 << 30
 _MIB = 1 << 20
@@ -65,7 +67,7 @@ AUTO_TOTAL_FRACTION = 8            # auto: chunked when its floor footprint <= t
 CPU_CHUNK_BYTES = 32 * _MIB        # CPU: small chunks cost little GEMM efficiency and keep temporaries small
 
 log = logging.getLogger("grpo_kernels")
-if os.environ.get("GRPO_KERNELS_DEBUG", "0").strip().lower() in ("1", "true", "on", "yes"):
+if env_flags.debug():
     if not log.handlers:
         log.addHandler(logging.StreamHandler())
     log.setLevel(logging.DEBUG)
@@ -86,7 +88,6 @@ def _elt(dtype: torch.dtype) -> int:
 def chunk_row_bytes(vocab: int, dtype: torch.dtype, torch_epilogue: bool) -> int:
     """Bytes one token row of a chunk costs: the fp32 buffer row (row stride round_up(V, 16)), plus the torch
     epilogue's temporaries in the buffer's dtype (two, plus the fp32 upcast of a 16-bit buffer)."""
-    from .torch_ops import row_stride  # torch_ops imports this module lazily
     per_row = row_stride(vocab) * _elt(dtype)
     if torch_epilogue:
         per_row += vocab * _elt(dtype) * (2 if dtype in (torch.float32, torch.float64) else 3)
