@@ -202,13 +202,12 @@ def micro_loss(model, loss_fn, mb, args, world_size: int):
     keep = None
     if args.top_entropy_quantile < 1.0:
         keep = high_entropy_mask(entropy.detach(), mb.completion_mask, args.top_entropy_quantile)
-    # The fused loss multiplies the policy term by its per-token ratio input before adding the KL term
-    # (ℓ ← ℓ·ρ + β·k), which is exactly where TRL multiplies the entropy mask; its normalizer and metrics still
-    # count every completion token, as TRL's do.
+    # token_loss_mask multiplies the policy term before the KL term (ℓ ← ℓ·mask + β·k), where TRL multiplies the
+    # entropy mask; the normalizer and metrics still count every completion token, as TRL's do.
     loss, metrics = loss_fn(
         hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
         ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
-        vllm_is_ratio=None if keep is None else keep.to(torch.float32),
+        token_loss_mask=keep,
     )
     loss = loss * loss_multiplier(args, world_size)
     policy_loss = float(loss.detach())
