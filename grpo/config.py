@@ -371,12 +371,6 @@ class GRPOConfig:
         _check_int("num_iterations", self.num_iterations, 1)
         _check_number("top_entropy_quantile", self.top_entropy_quantile, lo=0.0, hi=1.0, lo_open=True,
                       hint="1.0 keeps every token; 0.2 keeps the 20% highest-entropy tokens")
-        if self.top_entropy_quantile < 1.0 and self.loss_type == "vespo":
-            raise ValueError(
-                f"top_entropy_quantile={self.top_entropy_quantile} with loss_type='vespo' is not supported: the fused "
-                "loss applies the token mask through its per-token ratio input, which vespo reads as a vLLM "
-                "importance ratio inside its sequence weights. Use top_entropy_quantile=1.0 or another loss_type."
-            )
         if isinstance(self.entropy_coef, bool) or not isinstance(self.entropy_coef, (int, float)) or not (
             abs(self.entropy_coef) < float("inf")
         ):

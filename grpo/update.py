@@ -198,29 +198,19 @@ def micro_loss(model, loss_fn, mb, args, world_size: int):
     keep = None
     if args.top_entropy_quantile < 1.0:
         keep = high_entropy_mask(entropy.detach(), mb.completion_mask, args.top_entropy_quantile)
-    # The fused loss multiplies the policy term by its per-token ratio input before adding the KL term
-    # (ℓ ← ℓ·ρ + β·k), which is exactly where TRL multiplies the entropy mask; its normalizer and metrics still
-    # count every completion token, as TRL's do.
+    # token_loss_mask multiplies the policy term before the KL term (ℓ ← ℓ·mask + β·k), where TRL multiplies the
+    # entropy mask; the normalizer and metrics still count every completion token, as TRL's do.
     loss, metrics = loss_fn(
         hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
         ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
-        vllm_is_ratio=is_ratio(mb, keep),
+        vllm_is_ratio=getattr(mb, "importance_sampling_ratio", None),  # the vLLM ratio (grpo/vllm_importance.py)
+        token_loss_mask=keep,
     )
     loss = loss * loss_multiplier(args, world_size)
     policy_loss = float(loss.detach())
     if args.entropy_coef != 0.0:
         loss = loss - args.entropy_coef * entropy_bonus(entropy, mb.completion_mask, keep, args)
     return loss, policy_loss, metrics
-
-
-def is_ratio(mb, keep: torch.Tensor | None) -> torch.Tensor | None:
-    """The fused loss's per-token ratio input: the vLLM importance ratio (grpo/vllm_importance.py), times the
-    top-entropy token mask when there is one."""
-    rho = getattr(mb, "importance_sampling_ratio", None)
-    if keep is None:
-        return rho
-    keep = keep.to(torch.float32)
-    return keep if rho is None else keep * rho
 
 
 def micro_step(model, loss_fn, mb, args, world_size: int, skip_zero_signal: bool = True,

@@ -96,13 +96,43 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     return logp
 
 
-def _check_grpo_inputs(ids, attention_mask, advantages, old, ref, vllm_is_ratio, num_items_in_batch, device):
+def _check_token_loss_mask(x, B: int, T: int, device) -> Optional[Tensor]:
+    if x is None:
+        return None
+    x = checks._need_tensor("token_loss_mask", x)
+    if not (x.dtype == torch.bool or x.dtype.is_floating_point):
+        raise TypeError(f"token_loss_mask must be a bool or floating tensor, got {x.dtype}")
+    if tuple(x.shape) not in ((B, T), (B, 1), (B,)):
+        raise ValueError(f"token_loss_mask must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"token_loss_mask is on {x.device} but the inputs are on {device}")
+    return x
+
+
+def _apply_token_loss_mask(keep: Optional[Tensor], adv: Tensor, rho: Optional[Tensor], loss_type: str):
+    """Fold the policy term's per-token multiplier m into the inputs that already scale it, so the plan and the
+    kernels need no extra operand: ℓ·ρ·m for every loss but vespo (m joins the vLLM ratio's per-token product;
+    vespo reads ρ only inside its sequence weights), and -φ·(A·m)·log p for vespo, which is ℓ·m since φ depends
+    on A only through its sign (m ≥ 0)."""
+    if keep is None:
+        return adv, rho
+    B = adv.shape[0]
+    m = (keep if keep.is_floating_point() else keep.to(torch.float32)).reshape(B, -1)
+    if loss_type == "vespo":
+        return adv.reshape(B, -1) * m, rho
+    return adv, m if rho is None else rho.reshape(B, -1) * m
+
+
+def _check_grpo_inputs(ids, attention_mask, advantages, old, ref, vllm_is_ratio, num_items_in_batch, device,
+                       token_loss_mask=None, loss_type: str = "dapo"):
     B, T = ids.shape
     mask = checks.check_mask(attention_mask, (B, T), device)
     adv = checks.check_advantages(advantages, B, T, device)
     old = checks.check_per_token("old_per_token_logps", old, (B, T), device)
     ref = checks.check_per_token("ref_per_token_logps", ref, (B, T), device)
     rho = checks.check_vllm_ratio(vllm_is_ratio, B, T, device)
+    keep = _check_token_loss_mask(token_loss_mask, B, T, device)
+    adv, rho = _apply_token_loss_mask(keep, adv, rho, loss_type)
     return mask, adv, old, ref, rho, checks.check_num_items(num_items_in_batch)
 
 
@@ -136,7 +166,8 @@ class _LossFromLogprobs(torch.autograd.Function):
 @no_autocast
 def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tensor,
               old_per_token_logps: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
-              vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None, **loss_options):
+              vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None,
+              token_loss_mask: Optional[Tensor] = None, **loss_options):
     """TRL's GRPO loss from per-token log-probs you already have: (loss, LossMetrics).
 
     Differentiable w.r.t. per_token_logps (closed-form gradient, O(tokens)): one Triton launch at token level
@@ -150,7 +181,7 @@ def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tenso
         raise ValueError(f"per_token_logps must be (B, T), got shape {tuple(logp.shape)}")
     mask, adv, old, ref, rho, num_items = _check_grpo_inputs(logp, attention_mask, advantages, old_per_token_logps,
                                                              ref_per_token_logps, vllm_is_ratio, num_items_in_batch,
-                                                             logp.device)
+                                                             logp.device, token_loss_mask, opts.loss_type)
     acc = _acc_dtype(logp.dtype)
     kl_on = opts.beta != 0.0 and ref is not None
     plan = make_plan(torch.zeros_like(logp, dtype=torch.long), mask, adv, old, ref, rho, num_items,
@@ -167,21 +198,26 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, selected_token_ids: T
                            ref_per_token_logps: Optional[Tensor] = None, old_per_token_logps: Optional[Tensor] = None,
                            ref_input: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
                            ref_bias: Optional[Tensor] = None, vllm_is_ratio: Optional[Tensor] = None,
-                           num_items_in_batch=None, process_group=None, **loss_options):
+                           num_items_in_batch=None, process_group=None, token_loss_mask: Optional[Tensor] = None,
+                           **loss_options):
     """Hidden states + LM head -> TRL's GRPO loss and metrics, with gradients for hidden, weight and bias,
     never holding the [tokens x vocab] logits. Returns (loss, LossMetrics). See `LossOptions` for options.
     process_group: vocab-parallel (see `vocab_parallel`): weight, bias, ref_weight and ref_bias are this rank's
-    contiguous rows; selected_token_ids are global ids; dH comes back already summed over the group."""
+    contiguous rows; selected_token_ids are global ids; dH comes back already summed over the group.
+    token_loss_mask: [B, T], [B, 1] or [B] bool or float ≥ 0, a per-token multiplier of the policy term
+    (ℓ ← ℓ·ρ·mask + β·k; TRL's top-entropy mask); the normalizer and the metrics still count every token.
+    vllm_is_ratio is only the vLLM importance-sampling ratio."""
     return _fused_linear_grpo_loss(LossOptions.from_kwargs(**loss_options), hidden, weight, selected_token_ids,
                                    attention_mask, advantages, bias, ref_per_token_logps, old_per_token_logps,
-                                   ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, process_group)
+                                   ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, process_group,
+                                   token_loss_mask)
 
 
 @_on_device_of("hidden")
 @no_autocast
 def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_ids, attention_mask, advantages, bias,
                             ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
-                            num_items_in_batch, process_group=None):
+                            num_items_in_batch, process_group=None, token_loss_mask=None):
     ids = checks._need_tensor("selected_token_ids", selected_token_ids)
     if ids.dim() != 2:
         raise ValueError(f"selected_token_ids must be (B, T), got shape {tuple(ids.shape)}")
@@ -190,7 +226,7 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
         raise ValueError(f"selected_token_ids is on {ids.device} but hidden is on {hidden.device}")
     mask, adv, old, ref, rho, num_items = _check_grpo_inputs(ids, attention_mask, advantages, old_per_token_logps,
                                                              ref_per_token_logps, vllm_is_ratio, num_items_in_batch,
-                                                             hidden.device)
+                                                             hidden.device, token_loss_mask, opts.loss_type)
     ref_from_model = ref is None and opts.beta != 0.0 and (ref_input is not None or ref_weight is not None)
     if ref_from_model:
         if ref_input is None or ref_weight is None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from types import ModuleType
 
 import torch
 
-from . import torch_ops
+from . import env_flags, torch_ops
 
 
 def triton_available() -> bool:
@@ -17,7 +16,7 @@ def triton_available() -> bool:
 
 def interpreter_enabled() -> bool:
     """Triton's own reading of TRITON_INTERPRET (1 / true / on / yes, any case)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return env_flags.triton_interpret()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:

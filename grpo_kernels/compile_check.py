@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from . import env_flags
+
 BASE_ARCHS = (80, 86, 89, 90)
 SPILL_FAIL_ARCHS = (90,)
 _TY = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp32-tf32": "fp32"}
@@ -351,7 +353,7 @@ def main(argv=None) -> int:
     p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compiles (default: the CPU count)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):
+    if env_flags.triton_interpret():
         # triton.jit chose the interpreter at import: compile in a fresh process without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "grpo_kernels.compile_check", *(argv or sys.argv[1:])],

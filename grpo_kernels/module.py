@@ -63,12 +63,13 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
-                vllm_is_ratio=None, num_items_in_batch=None):
+                vllm_is_ratio=None, num_items_in_batch=None, token_loss_mask=None):
         if not self.use_ref_model:
             ref_input = ref_weight = ref_bias = None
         return _fused_linear_grpo_loss(self.options, _input, lin_weight, selected_token_ids, attention_mask,
                                        advantages, bias, ref_per_token_logps, old_per_token_logps, ref_input,
-                                       ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, self.process_group)
+                                       ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, self.process_group,
+                                       token_loss_mask)
 
     def extra_repr(self) -> str:
         o = self.options

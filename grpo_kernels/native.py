@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from . import env_flags
+
 Tensor = torch.Tensor
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "chunk_epilogue.cpp"
@@ -37,7 +39,7 @@ _DTYPES = (torch.float32, torch.float64)
 
 def enabled() -> bool:
     """GRPO_KERNELS_NATIVE=0 (or false / off / no) turns the native path off; it is on by default."""
-    return os.environ.get("GRPO_KERNELS_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_flags.native_enabled()
 
 
 def _cpu_flags() -> str:

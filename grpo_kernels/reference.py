@@ -50,7 +50,8 @@ def gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, vllm_is_r
 def reference_grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tensor,
                         old_per_token_logps: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
                         vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None,
-                        entropy: Optional[Tensor] = None, **loss_options) -> tuple[Tensor, dict]:
+                        entropy: Optional[Tensor] = None, token_loss_mask: Optional[Tensor] = None,
+                        **loss_options) -> tuple[Tensor, dict]:
     """TRL's loss and metrics from [B, T] log-probs. Returns (loss, {"kl", "clip_ratio", "clip_ratio_low",
     "clip_ratio_high", "entropy"}); kl is None when beta == 0, entropy None when not given."""
     opts = loss_options.pop("options", None) or LossOptions.from_kwargs(**loss_options)
@@ -98,6 +99,9 @@ def reference_grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advanta
         phi = gamma_weights(adv, log_ratio, mask, rho, opts)
         per_token_loss = -phi * adv * logp
 
+    if token_loss_mask is not None:  # TRL's entropy mask: every loss type, before the vLLM ratio and the KL term
+        keep = token_loss_mask.to(logp.dtype)
+        per_token_loss = per_token_loss * (keep.unsqueeze(1) if keep.dim() == 1 else keep)
     if rho is not None and opts.loss_type != "vespo":
         per_token_loss = per_token_loss * rho
     if per_token_kl is not None:
@@ -142,6 +146,7 @@ def reference_fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, selected_to
                                      old_per_token_logps: Optional[Tensor] = None, ref_input: Optional[Tensor] = None,
                                      ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                                      vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None,
+                                     token_loss_mask: Optional[Tensor] = None,
                                      **loss_options) -> tuple[Tensor, dict]:
     """Full-logits version of `fused_linear_grpo_loss`: differentiable w.r.t. hidden, weight and bias."""
     opts = LossOptions.from_kwargs(**loss_options)
@@ -155,4 +160,5 @@ def reference_fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, selected_to
                                                         opts.temperature)
     return reference_grpo_loss(logp, attention_mask, advantages, old_per_token_logps, ref_per_token_logps,
                                vllm_is_ratio, num_items_in_batch,
-                               entropy=entropy if opts.compute_entropy else None, options=opts)
+                               entropy=entropy if opts.compute_entropy else None, token_loss_mask=token_loss_mask,
+                               options=opts)

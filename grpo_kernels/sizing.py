@@ -1,48 +1,13 @@
 """How a call is sized: which strategy runs and how many token rows one chunk of logits holds.
 
-Memory a call may use on a GPU = what the driver reports free + what PyTorch's caching allocator holds but has not
-handed out (reserved - allocated), less the cache's inactive split blocks (free pieces of partly used segments:
-the chunk needs one contiguous block, and those pieces cannot hold it). In a training loop most reusable memory
-sits in that cache, and `mem_get_info` alone would see almost none of it. It is a snapshot that a colocated vLLM
-or another process can consume before the chunk is allocated: an OutOfMemoryError in the first chunk halves the
-chunk rows and retries (`strategies.retry_smaller_chunks`), down to CHUNK_FLOOR, before the error below.
-
-What the chunked strategy holds beyond its inputs and outputs:
-  - the chunk buffer: fp32 [rows, round_up(V, 16)] for every input dtype (the 16-bit dL/dlogits are written into
-    the same storage); backend="torch" adds its epilogue's fp32 temporaries of the chunk;
-  - d_hidden [N, H] in the hidden states' dtype, when hidden needs a gradient;
-  - when the weight needs a gradient: with more than one chunk the fp32 [V, H] dW accumulator and, for 16-bit
-    weights, its final cast copy [V, H] in the weight's dtype; with one chunk the [V, H] dW in the weight's dtype
-    that the dW GEMM writes beside the buffer.
-
-Rules (docs/design.md, "Sizing"):
-  - chunk rows: all rows in one chunk if they fit; else as many as fit, at most CHUNK_CAP_BYTES of buffer (larger
-    chunks gain no GEMM efficiency), balanced so the last chunk is not a sliver, and never fewer than
-    CHUNK_FLOOR rows (fewer would make every chunk re-read the whole LM head for little work): if even the floor
-    does not fit, the call raises torch.cuda.OutOfMemoryError saying what it needed.
-  - strategy="auto" is a pure function of the shapes, the dtype, whether the weight needs a gradient, the backend
-    and the device's *total* memory, never of the memory free at the moment, so a training loop gets the same
-    strategy on every step: chunked when its footprint at the floor is at most 1/AUTO_TOTAL_FRACTION of the
-    device's total memory, else fused. CPU tensors always get chunked.
-Set GRPO_KERNELS_DEBUG=1 (or enable DEBUG on the "grpo_kernels" logger) to log each call's choice and why.
-
-Why chunked whenever it fits (the cost models in kernels/fused_forward.py and kernels/fused_backward.py; llama3-8b
-head H = 4096, V = 128256, bf16, H100: ~800 TFLOP/s bf16 GEMM, 3.35 TB/s HBM; no GPU measurement of either
-strategy at these shapes exists yet):
-  - chunked: 6*N*H*V FLOPs in cuBLAS GEMMs, plus ~18 bytes of HBM per logit for the chunk buffer (fp32 written
-    by the GEMM, read by the stats epilogue, read again by the dlogits epilogue, 16-bit dL/dlogits written, read
-    by two GEMMs: 4 + 4 + 4 + 2 + 2 + 2) and three reads of W per chunk:
-        N = 8192:  32 ms GEMM + 5.6 ms buffer + 1.9 ms W  ~  40 ms;
-        N = 65536: 258 ms GEMM + 45 ms buffer + 12 ms W  ~ 315 ms.
-    Even a CHUNK_FLOOR-row chunk stays GEMM-bound (4 ms of GEMM against 0.9 ms of W reads), so any chunk size
-    the rules allow keeps this cost.
-  - fused: 8*N*H*V FLOPs plus N*V*H/64 fp32 atomic adds in the backward (2.15 TB of read-modify-write at
-    N = 65536), of which its gradient filter removes a fraction f of tiles that depends on how peaked the model's
-    softmax is: f = 0 gives ~43 + 80 = 123 ms at N = 8192 and ~344 + 640 = 984 ms at N = 65536; f -> 1 leaves
-    the 4*N*H*V of forward and logits recompute, 172 ms at N = 65536.
-So without a measured f, fused only pays off where chunked cannot run: auto keeps the memory rule above, and fused
-is the strategy for shapes whose chunked footprint does not fit. GPU measurements of f and of both strategies
-(bench/) are what would move this rule; none exist yet.
+Memory on a GPU = driver free + what PyTorch's cache holds unused, less its inactive split blocks (a chunk needs one
+contiguous block); the chunked strategy counts its chunk buffer (row stride round_up(V, 16)), d_hidden, and dW with
+its cast copy. Chunk rows fill USABLE_FRACTION of that, at most CHUNK_CAP_BYTES of buffer and never under
+CHUNK_FLOOR rows (below the floor: OutOfMemoryError saying what was needed; an OOM in the first chunk halves the
+rows and retries, `strategies.retry_smaller_chunks`). strategy="auto" depends only on shapes, dtype, gradient needs,
+backend and the device's *total* memory, so a training loop gets the same strategy on every step. The rules and
+why chunked is preferred whenever it fits (the cost models): docs/design.md, "Sizing" and "Strategies and cost
+models". GRPO_KERNELS_DEBUG=1 (or DEBUG on the "grpo_kernels" logger) logs each call's choice and why.
 """
 
 from __future__ import annotations
@@ -50,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
+
+from . import env_flags
+from .row_layout import row_stride
 
 _GIB = 1 << 30
 _MIB = 1 << 20
@@ -65,7 +32,7 @@ AUTO_TOTAL_FRACTION = 8            # auto: chunked when its floor footprint <= t
 CPU_CHUNK_BYTES = 32 * _MIB        # CPU: small chunks cost little GEMM efficiency and keep temporaries small
 
 log = logging.getLogger("grpo_kernels")
-if os.environ.get("GRPO_KERNELS_DEBUG", "0").strip().lower() in ("1", "true", "on", "yes"):
+if env_flags.debug():
     if not log.handlers:
         log.addHandler(logging.StreamHandler())
     log.setLevel(logging.DEBUG)
@@ -86,7 +53,6 @@ def _elt(dtype: torch.dtype) -> int:
 def chunk_row_bytes(vocab: int, dtype: torch.dtype, torch_epilogue: bool) -> int:
     """Bytes one token row of a chunk costs: the fp32 buffer row (row stride round_up(V, 16)), plus the torch
     epilogue's temporaries in the buffer's dtype (two, plus the fp32 upcast of a 16-bit buffer)."""
-    from .torch_ops import row_stride  # torch_ops imports this module lazily
     per_row = row_stride(vocab) * _elt(dtype)
     if torch_epilogue:
         per_row += vocab * _elt(dtype) * (2 if dtype in (torch.float32, torch.float64) else 3)

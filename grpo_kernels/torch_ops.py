@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from . import native
+from .row_layout import row_stride
 
 Tensor = torch.Tensor
 
@@ -35,9 +36,6 @@ TILE_ELEMENTS = 4 << 20
 # On CUDA a GEMM fallback (a torch without the fp32-output overloads) may hold this many bytes of fp32
 # temporaries, or a quarter of the memory available, whichever is smaller.
 CUDA_FALLBACK_BYTES = 512 << 20
-# Rows of the fp32 chunk buffer start on multiples of this many elements (64 B; 16-byte alignment of the fp32 rows
-# and of the packed 16-bit view over them is what cuBLAS's aligned kernels and Triton's vector loads need).
-ROW_ALIGN = 16
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -48,11 +46,6 @@ def _vocab_tile(rows: int, vocab: int) -> int:
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def row_stride(vocab: int) -> int:
-    """Row stride (elements) of a chunk buffer of `vocab` columns: round_up(vocab, ROW_ALIGN)."""
-    return -(-int(vocab) // ROW_ALIGN) * ROW_ALIGN
 
 
 # ------------------------------------------------------------------------------------------ fp32-output GEMMs

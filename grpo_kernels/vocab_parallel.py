@@ -1,26 +1,14 @@
 """Vocab-parallel strategy: every rank of a process group holds the same tokens and a contiguous shard of the LM
 head's rows (rank order, shards may differ in size), as in Megatron / verl tensor parallelism.
 
-Math (docs/design.md, "Vocab-parallel combine" and "The entropy gradient"). A rank forms z = (h W_r^T + b_r)/tau
-for its rows only. Per token: m = max over ranks of the shard maxima (all-reduce MAX); then one all-reduce SUM of
-S_r = sum_{v in r} exp(z_v - m), the target logit (z_y - m on the owning rank, 0 elsewhere) and, for the entropy,
-A_r = sum_{v in r} exp(z_v - m) (z_v - m). So lse = m + log S, logp = (z_y - m) - log S and
-entropy = log S - A/S (two non-negative terms: no cancellation). dL/dz_v = g (1[v = y] - p_v) - e p_v (log p_v +
-entropy) needs only these per-token numbers, so dW and db rows stay local and dH is one all-reduce SUM of N x H.
-
-Backend: PyTorch ops on the local shard whatever the device (the Triton epilogues assume the whole vocabulary).
-The GEMMs are the project's (`torch_ops.linear_fp32` / `gemm_into`: fp32 logits from 16-bit operands, dL/dlogits
-rounded to the input's 16-bit dtype only as a GEMM operand, dW summed in place in one fp32 buffer); the chunk
-driver pieces are the chunked strategy's (`strategies.forward_stats`, `_Grads`) fed with this shard's statistics.
-Memory: per chunk an fp32 [chunk, V_r] logits buffer plus its softmax; chunk rows come from `grpo_kernels.sizing`
-(the allocator-aware budget, 1024-row floor and OOM error of every other path), the smallest over the ranks.
-Communication per call: one all_gather of 3 ints per rank (shard layout), one MIN all-reduce of 1 int (chunk
-rows), per chunk of c tokens one MAX all-reduce of c floats and one SUM all-reduce of 2c (3c with entropy)
-floats, and, when hidden needs a gradient, one SUM all-reduce of N x H fp32 (dH).
+A rank forms only its shard's logits; per chunk of c tokens one MAX all-reduce of c floats and one SUM of 2c (3c
+with entropy) give the global lse, logp and entropy, so dW and db rows stay local and dH is one SUM all-reduce of
+N x H fp32 per call. The math and traffic: docs/design.md, "Vocab-parallel combine". PyTorch ops on the local
+shard whatever the device (the Triton epilogues assume the whole vocabulary); chunk rows come from
+`grpo_kernels.sizing`, the smallest over the ranks.
 The returned dH is the full gradient on every rank: do not all-reduce it again (e.g. Megatron's
 copy_to_tensor_model_parallel_region in front of the head would double it). Every rank must make the same calls
-with the same gradient needs (the all-reduces are collectives); the plan of active tokens is the same everywhere
-because the tokens are.
+with the same gradient needs (the all-reduces are collectives).
 """
 
 from __future__ import annotations

@@ -118,9 +118,11 @@ def grpo_loss(
     num_items_in_batch=None,
     *,
     entropy=None,
+    token_loss_mask=None,
     **opts,
 ):
-    """TRL 1.16's GRPO loss (one process, no gradient accumulation) in float64.
+    """TRL 1.16's GRPO loss (one process, no gradient accumulation) in float64. token_loss_mask is TRL's
+    entropy_mask: it multiplies every loss type's per-token policy loss, before the vLLM ratio and the KL term.
 
     Returns (loss, metrics) where metrics is a dict: kl (None when beta == 0), clip_ratio_low, clip_ratio_high,
     clip_ratio (region; for cispo TRL's cispo_clip_ratio; None for sapo/vespo, which TRL does not clip),
@@ -173,6 +175,9 @@ def grpo_loss(
         )
         loss_tok = -phi * adv * logp
 
+    if token_loss_mask is not None:
+        keep = token_loss_mask.to(F64)
+        loss_tok = loss_tok * (keep.unsqueeze(1) if keep.dim() == 1 else keep)
     if rho is not None and lt != "vespo":
         loss_tok = loss_tok * rho
     if kl is not None:
@@ -235,6 +240,7 @@ def fused_linear_grpo_loss(
     vllm_is_ratio=None,
     num_items_in_batch=None,
     logit_dtype=None,
+    token_loss_mask=None,
     **opts,
 ):
     """Full-logit float64 version of the fused API: logits -> log-probs (+ entropy) -> ``grpo_loss``.
@@ -252,7 +258,7 @@ def fused_linear_grpo_loss(
             ref, _ = logprobs(ref_input, ref_weight, selected_token_ids, ref_bias, o["temperature"])
     return grpo_loss(
         logp, attention_mask, advantages, old_per_token_logps, ref, vllm_is_ratio, num_items_in_batch,
-        entropy=ent, **opts,
+        entropy=ent, token_loss_mask=token_loss_mask, **opts,
     )
 
 

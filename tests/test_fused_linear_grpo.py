@@ -578,3 +578,58 @@ def test_fp16_small_gradients_survive_grad_scaler(backend, strategy, chunk_size)
         assert e.abs().max() * scale > 6e-5  # the scaled gradient is a normal fp16 number...
         assert e.abs().max() < 6e-5  # ...the unscaled one is not
         assert rel_err(grads[k], e * scale) < 1e-2, k
+
+
+# ------------------------------------------------------------------------------------------- token_loss_mask
+def _keep(B, T, seed, kind):
+    """A top-entropy-like mask (bool, some rows all dropped) or float multipliers >= 0 with zeros, of shape kind."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "float":
+        w = torch.rand(B, T, generator=g) * 2.0
+        return w * (torch.rand(B, T, generator=g) > 0.3)
+    keep = torch.rand(B, T, generator=g) > 0.4
+    keep[0] = False
+    return {"bool": keep, "B1": keep[:, :1].float(), "B": keep[:, 0].float()}[kind]
+
+
+@pytest.mark.parametrize("backend,strategy", BACKENDS)
+@pytest.mark.parametrize("lt", ["dapo", "grpo", "cispo", "sapo", "vespo"])
+@pytest.mark.parametrize("kind", ["bool", "float", "B1"])
+def test_token_loss_mask(backend, strategy, lt, kind):
+    """token_loss_mask multiplies the policy term (TRL's entropy mask) for every loss type, alone and together with
+    the vLLM ratio, at odd shapes; metrics and normalizer still count every token."""
+    B, T, H, V = 3, 7, 19, 41
+    lv = "sequence" if lt == "grpo" else "token"
+    for vllm, beta in ((False, 0.0), (True, 0.05)):  # beta = 0: masked-out tokens may be skipped, entropy kept
+        p = oracle.make_problem(B=B, T=T, H=H, V=V, seed=61 + vllm, bias=True, vllm=vllm, ref="given")
+        p["token_loss_mask"] = _keep(B, T, 7, kind)
+        _one(p, dict(loss_type=lt, importance_sampling_level=lv, beta=beta), backend, strategy,
+             compute_entropy=True)
+
+
+def test_token_loss_mask_is_not_the_vllm_ratio():
+    """The mask and the vLLM ratio are different inputs for vespo: the ratio enters the sequence weights, the mask
+    scales the per-token loss (passing the mask as the ratio gives another loss)."""
+    p = oracle.make_problem(B=3, T=7, seed=62, ref="given")
+    keep = _keep(3, 7, 8, "bool")
+    as_mask, _, _ = package_run(dict(p, token_loss_mask=keep), loss_type="vespo", backend="torch")
+    as_ratio, _, _ = package_run(dict(p, vllm_is_ratio=keep.float()), loss_type="vespo", backend="torch")
+    expected, _, _ = oracle.oracle_run(dict(p, token_loss_mask=keep), loss_type="vespo")
+    assert rel_err(as_mask, expected) < 1e-5 and rel_err(as_ratio, expected) > 1e-2
+
+
+def test_token_loss_mask_module_and_bad_inputs():
+    p = oracle.make_problem(B=2, T=5, seed=63, vllm=True, ref="given")
+    keep = _keep(2, 5, 9, "bool")
+    expected = oracle.oracle_run(dict(p, token_loss_mask=keep), loss_type="dapo", beta=0.1)
+    module = gk.FusedLinearGRPOLoss(beta=0.1, loss_type="dapo")
+    args = {k: v for k, v in p.items() if v is not None}
+    loss, _ = module(p["hidden"], p["weight"], p["selected_token_ids"], p["attention_mask"], p["advantages"],
+                     ref_per_token_logps=p["ref_per_token_logps"], old_per_token_logps=p["old_per_token_logps"],
+                     vllm_is_ratio=p["vllm_is_ratio"], token_loss_mask=keep)
+    assert rel_err(loss, expected[0]) < 1e-5
+    for bad, err, words in ((keep[:, :3], ValueError, "token_loss_mask must have shape"),
+                            (keep.long(), TypeError, "token_loss_mask must be a bool or floating"),
+                            ([1.0, 0.0], TypeError, "token_loss_mask")):
+        with pytest.raises(err, match=words):
+            gk.fused_linear_grpo_loss(**args, token_loss_mask=bad)

@@ -34,7 +34,7 @@ def _problem(seed, B=4, T=6, adv_shape="B", vllm=None, mask="ragged", dtype=torc
                 ref_per_token_logps=ref.float(), vllm_is_ratio=rho)
 
 
-def _compare(p, opts, tol=1e-5, metric_tol=1e-5, grad_tol=None):
+def _compare(p, opts, tol=1e-5, metric_tol=1e-5, grad_tol=None, **run):
     """Package vs oracle on the same inputs; the oracle sees (B,) vLLM ratios as (B, 1)."""
     q = dict(p)
     if q.get("vllm_is_ratio") is not None and q["vllm_is_ratio"].dim() == 1:
@@ -43,7 +43,7 @@ def _compare(p, opts, tol=1e-5, metric_tol=1e-5, grad_tol=None):
     o_loss, o_metrics = oracle.grpo_loss(**dict(q, per_token_logps=lp_o), **opts)
     (o_grad,) = torch.autograd.grad(o_loss, lp_o)
     lp = p["per_token_logps"].detach().clone().requires_grad_(True)
-    loss, metrics = gk.grpo_loss(**dict(p, per_token_logps=lp), **opts)
+    loss, metrics = gk.grpo_loss(**dict(p, per_token_logps=lp), **opts, **run)
     loss.backward()
     fails = []
     got, exp = float(loss.detach()), float(o_loss.detach())
@@ -188,3 +188,18 @@ def test_matches_fused_on_the_same_logps():
 def test_cases_cover_options():
     assert {c[:2] for c in CASES} == set(oracle.valid_combos())
     assert set(itertools.chain.from_iterable((c[5], c[6]) for c in CASES)) == {None, "BT", "B1", "B"}
+
+
+@pytest.mark.parametrize("lt,lv", oracle.valid_combos())
+@pytest.mark.parametrize("vllm", [None, "BT", "B"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_loss_mask_matches_oracle(lt, lv, vllm, backend):
+    """token_loss_mask (TRL's entropy mask) scales each token's policy loss, alone or with the vLLM ratio."""
+    p = _problem(71, B=3, T=7, adv_shape="BT" if lt == "dapo" else "B", vllm=vllm)
+    g = torch.Generator().manual_seed(72)
+    keep = torch.rand(3, 7, generator=g) > 0.4
+    keep[0] = False
+    p["token_loss_mask"] = keep
+    fails = _compare(p, dict(loss_type=lt, importance_sampling_level=lv, beta=0.04, max_completion_length=7),
+                     backend=backend)
+    assert not fails, "\n".join(fails)

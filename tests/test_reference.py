@@ -66,7 +66,8 @@ def test_reference_fused_matches_oracle(case):
 
 @pytest.mark.parametrize("lt,lv", oracle.valid_combos())
 @pytest.mark.parametrize("nib", [None, 17, torch.tensor(23.0)])
-def test_reference_grpo_loss_matches_oracle(lt, lv, nib):
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_reference_grpo_loss_matches_oracle(lt, lv, nib, with_mask):
     g = torch.Generator().manual_seed(3)
     B, T = 4, 6
     mask = oracle.random_mask(B, T, g)
@@ -76,12 +77,13 @@ def test_reference_grpo_loss_matches_oracle(lt, lv, nib):
     ref = logp0 + 0.5 * torch.randn(B, T, generator=g, dtype=F64)
     rho = torch.exp(0.3 * torch.randn(B, T, generator=g, dtype=F64))
     ent = torch.rand(B, T, generator=g, dtype=F64)
+    keep = torch.rand(B, T, generator=g) > 0.4 if with_mask else None  # token_loss_mask (TRL's entropy mask)
     opts = dict(loss_type=lt, importance_sampling_level=lv, beta=0.1, max_completion_length=6,
                 sapo_temperature_pos=0.8, vespo_lambda_neg=1.5)
     results = []
     for fn in (oracle.grpo_loss, gref.reference_grpo_loss):
         lp = logp0.clone().requires_grad_(True)
-        loss, metrics = fn(lp, mask, adv, old, ref, rho, nib, entropy=ent, **opts)
+        loss, metrics = fn(lp, mask, adv, old, ref, rho, nib, entropy=ent, token_loss_mask=keep, **opts)
         results.append((loss, torch.autograd.grad(loss, lp)[0], metrics))
     (l1, g1, m1), (l2, g2, m2) = results
     assert abs(l1.item() - l2.item()) <= 1e-12 * max(1.0, abs(l1.item()))

@@ -230,7 +230,8 @@ def test_accumulation_and_reused_rollouts_match_trl(setup, loss_type):
     assert clip[0] == 0.0 and clip[1] > 0.0  # the second pass really runs off-policy (ratios clipped)
 
 
-@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "token"), ("grpo", "sequence")])
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "token"), ("grpo", "sequence"),
+                                              ("vespo", "token")])
 def test_top_entropy_quantile_matches_trl(setup, loss_type, level):
     settings = dict(loss_type=loss_type, beta=0.04, top_entropy_quantile=0.5, importance_sampling_level=level)
     ours, theirs = run_ours(setup, **settings), run_trl(setup, **settings)

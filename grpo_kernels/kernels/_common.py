@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import interpreter_enabled
+from ..env_flags import triton_interpret
 
-IS_INTERPRETER = interpreter_enabled()  # read once: triton.jit decides interpreter vs compiler at import
+IS_INTERPRETER = triton_interpret()  # read once: triton.jit decides interpreter vs compiler at import
 
 # Under the interpreter tl.dot on bf16 operands is wrong (it multiplies the raw storage), so every dot operand is
 # cast to fp32 there; on the GPU the operands stay in the input dtype for the tensor cores.

@@ -1,39 +1,10 @@
-"""Backward kernel of the fused strategy: gradients of L with respect to hidden, weight and bias given
-g_i = dL/dlogp_i (and optionally e_i = dL/dentropy_i), recomputing the logits tile by tile (never the whole
-[M, V]). With p = softmax(z), log p = z - lse, H = entropy: dlogp/dz_v = 1[v = y] - p_v and
+"""Backward kernel of the fused strategy: d_hidden, d_weight, d_bias from g = dL/dlogp (and e = dL/dentropy),
+recomputing the logits tile by tile, never the whole [M, V]. dlogp/dz_v = 1[v = y] - p_v and
 dH/dz_v = -p_v (log p_v + H), so one pass over the logits serves both gradients.
 
-Cost model (per tile BM x BV, K = H; llama3-8b head: H = 4096, V = 128256, bf16, BM = BV = 128):
-    logits recompute 2*BM*BV*H FLOPs, dH and dW GEMMs 2*BM*BV*H each, fp32 atomic adds (BM + BV)*H.
-    Whole call: 6*N*H*V FLOPs and N*V*H*(1/BV + 1/BM) atomic adds (4 B each, a read-modify-write in L2 of
-    accumulators that do not fit in L2: dH is 4*N*H B, dW 4*V*H = 2.1 GB):
-        N = 8192:   FLOPs 2.6e16 (~32 ms at 800 TFLOP/s),  atomics 6.7e10 = 269 GB of fp32 RMW;
-        N = 65536:  FLOPs 2.1e17 (~258 ms),                atomics 5.4e11 = 2.15 TB of fp32 RMW;
-    HBM reads of h and W tiles are small beside that (the grouped order keeps them in L2). One fp32 atomic per
-    256 FLOPs: keeping pace with ~800 TFLOP/s means 3e12 atomics/s = 12.5 TB/s of read-modify-write, above the
-    L2's bandwidth, and the accumulators spill to HBM (3.35 TB/s on H100, 4.8 on H200: 2.15 TB takes >= 0.45 s,
-    against 0.26 s of GEMM). So the kernel is atomic-bound unless tiles are skipped. Occupancy (sm_90 compile,
-    Triton 3.9, bf16, 8 warps, `python -m grpo_kernels.compile_check`): 208 registers and 161 KiB shared memory
-    per program (224 / 129 KiB with the entropy gradient), so one program per SM and its tensor cores idle while
-    it issues atomics; sm_80/86/89 get a 128 x 128 x 32 two-stage tile (64 KiB, 182-212 registers; kernels/
-    configs.py). Hence, in order of what they save:
-      1. gradient filter (FILTER, after Cut Cross-Entropy): a tile with no row's target whose every |dz_iv| is at
-         most filter_eps * (|g_i| + |e_i|) / T, filter_eps = u / V (u = unit roundoff of the input dtype, in which
-         dz is rounded for the GEMMs and d_hidden / d_weight are returned), skips both GEMMs and all its atomics
-         (it still pays the 2*BM*BV*H logits recompute). Per row the skipped entries add up to at most
-         u * (|g_i| + |e_i|) / T in L1: no more than rounding dz to the input dtype may already cost (2u|g_i|/T,
-         since sum_v |1[v=y] - p_v| <= 2), so the result stays exact to the precision it is stored in. A tile is
-         skipped when all its entries sit more than ~log(V/u) below their row's lse (17.3 nats for bf16 at
-         V = 128256) for all BM rows of the tile: it skips most tiles when the rows' probable tokens fall in few
-         vocab blocks, none for a flat softmax (the test costs a max over the tile). Cut Cross-Entropy also
-         sorts the vocabulary so that probable tokens share blocks; not done here. How many tiles a trained
-         model skips is a GPU measurement still to make.
-      2. staggered K order: the programs running together share a W tile (GROUP_M row blocks of one vocab
-         block) or a row block; each starts its dH/dW K-loop at slice (pid_m + pid_v) mod cdiv(H, BLOCK_K), so
-         concurrent atomics land on different addresses instead of queueing on the same L2 lines.
-      3. separate dH and dW passes were weighed and rejected: each pass recomputes the logits (+2*N*H*V FLOPs,
-         8 -> 10 N*H*V in all with the forward) and neither removes atomics, since an O(N)-memory dH (or dW)
-         accumulator for a row (vocab) block is [BM, H] fp32 = 2 MiB, too large to stay on chip across tiles.
+Cost: 6·N·H·V FLOPs (8·N·H·V with the forward) and N·V·H·(1/BV + 1/BM) fp32 atomic adds, O(N) extra memory:
+atomic-bound unless the gradient filter skips tiles, hence the filter and the staggered K order. Derivation, the
+filter's error bound and the rejected alternatives: docs/design.md, "Fused backward".
 """
 import torch
 import triton
@@ -103,7 +74,7 @@ def _fused_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, 
             out-of-range rows/cols),
         d_hidden[i, :] += dz_i: @ W[v, :],   d_weight[v, :] += dz_:v^T @ h[i, :],   d_bias[v] += sum_i dz_iv,
     each accumulated with fp32 atomic adds, over H in BLOCK_K slices (dz cast to the input dtype for the dots)
-    starting at slice (pid_m + pid_v) mod num_k (staggered, see the module docstring).
+    starting at slice (pid_m + pid_v) mod num_k (staggered, docs/design.md, "Fused backward").
     FILTER: skip the tile's GEMMs and atomics when it holds no live row's target and every
     |dz_iv| <= filter_eps * (|g_i| + |e_i|) / T; COUNT_SKIPS adds 1 to skip_ptr[0] (int32) per skipped tile.
     Grid: (num_m_blocks * num_v_blocks,), ordered in groups of GROUP_M row blocks that sweep the vocab blocks
@@ -200,7 +171,7 @@ def fused_linear_backward(hidden, weight, bias, targets, lse, grad, temperature:
     d_hidden is empty and d_weight / d_bias are zeros. Accumulation uses fp32 atomics, so the low bits of the
     results depend on the order in which programs run.
 
-    grad_filter (default True): skip tiles whose dz cannot matter at the input dtype's precision (module docstring;
+    grad_filter (default True): skip tiles whose dz cannot matter at the input dtype's precision (docs/design.md, "Fused backward";
     the dropped part of each row is at most unit_roundoff * (|grad_i| + |grad_entropy_i|) / T in L1).
     skipped_tiles: optional int32 CUDA/CPU tensor of shape (1,) on hidden's device; the number of tiles the filter
     skipped is added to it (for tests and benchmarks)."""

@@ -1,20 +1,9 @@
 """Forward kernel of the fused strategy: per-row log-sum-exp, target log-prob and entropy of
 z = (hidden @ weight.T + bias) / T without ever materializing z.
 
-Cost model (llama3-8b head: H = 4096, V = 128256, bf16, BLOCK_M = BLOCK_V = 128, 132 SMs, one program per SM):
-    FLOPs 2*N*H*V: N = 8192 -> 8.6e15 (~11 ms at 800 TFLOP/s); N = 65536 -> 6.9e16 (~86 ms). No atomics; the
-    partial states are 16*n_splits*N bytes (17 MB at N = 65536, 17 splits) plus a combine pass over them.
-    HBM bytes come from re-reading tiles: a program re-reads its [BLOCK_M, H] hidden block (1 MiB) for every
-    vocabulary tile it visits, and every W tile (1 MiB) is read by every row block.
-      - Row-major order (the 132 concurrent programs = 132 row blocks of one vocabulary split; what this kernel
-        did before): 64-132 MiB of hidden blocks in flight, more than the 50 MB L2, so hidden comes from HBM
-        each tile: 2*N*H*V/BLOCK_V bytes = 67 GB at N = 8192, 538 GB at N = 65536 (112-160 ms at 4.8-3.35 TB/s,
-        more than the 86 ms of GEMM).
-      - Grouped order (Triton's matmul tutorial; this kernel): the concurrent programs are GROUP_M = 8 row blocks
-        x ~17 vocabulary splits, so 8 MiB of hidden and ~17 MiB of W tiles are in flight and stay in L2; hidden
-        is read from HBM about once (0.07 / 0.5 GB) and W once per group of GROUP_M row blocks:
-        2*V*H*N/(GROUP_M*BLOCK_M) = 8.4 GB at N = 8192, 67 GB at N = 65536 (2.5 / 20 ms at 3.35 TB/s, under the
-        GEMM time). _pick_splits makes at least cdiv(SMs, GROUP_M) splits so that a group fills the machine.
+Cost: 2·N·H·V FLOPs, no atomics, O(N) extra memory (16 B per row and vocabulary split, merged by a combine pass).
+Programs run in grouped order (GROUP_M row blocks × the splits) so that hidden and W tiles stay in L2; the
+derivation: docs/design.md, "Fused forward".
 """
 import torch
 import triton
@@ -42,7 +31,7 @@ def _pick_splits(num_m_blocks: int, num_v_tiles: int, sms: int, group_m: int) ->
     """Split the vocabulary into (n_splits, tiles_per_split): enough splits that num_m_blocks * n_splits gives
     about WAVES waves of programs even when there are few row blocks, and at least cdiv(sms, group_m) so that one
     group of group_m row blocks times its splits fills the SMs (the concurrent programs then share hidden blocks
-    in L2, module docstring); every split holds at least one tile."""
+    in L2, docs/design.md, "Fused forward"); every split holds at least one tile."""
     want = max(1, min(num_v_tiles, max(cdiv(WAVES * sms, num_m_blocks), cdiv(sms, group_m))))
     tiles_per_split = cdiv(num_v_tiles, want)
     return cdiv(num_v_tiles, tiles_per_split), tiles_per_split
@@ -60,7 +49,7 @@ def _fused_stats_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, 
 
     Grid: (num_m_blocks * n_splits,) in grouped order (Triton's matmul tutorial): pids run through groups of
     GROUP_M row blocks, within a group row block fastest, then split: the programs running together are a few
-    row blocks times many splits, sharing hidden blocks and W tiles in L2 (module docstring). Each program takes
+    row blocks times many splits, sharing hidden blocks and W tiles in L2 (docs/design.md, "Fused forward"). Each program takes
     BLOCK_M rows and the split's BLOCK_V tiles; each tile is a K-loop of tl.dot over BLOCK_K slices of H with an
     fp32 accumulator.
     SINGLE_SPLIT: write lse / logp / entropy directly; otherwise write the partial state (m, s, a, z_t) to
