@@ -96,19 +96,6 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     return logp
 
 
-def _check_token_loss_mask(x, B: int, T: int, device) -> Optional[Tensor]:
-    if x is None:
-        return None
-    x = checks._need_tensor("token_loss_mask", x)
-    if not (x.dtype == torch.bool or x.dtype.is_floating_point):
-        raise TypeError(f"token_loss_mask must be a bool or floating tensor, got {x.dtype}")
-    if tuple(x.shape) not in ((B, T), (B, 1), (B,)):
-        raise ValueError(f"token_loss_mask must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"token_loss_mask is on {x.device} but the inputs are on {device}")
-    return x
-
-
 def _apply_token_loss_mask(keep: Optional[Tensor], adv: Tensor, rho: Optional[Tensor], loss_type: str):
     """Fold the policy term's per-token multiplier m into the inputs that already scale it, so the plan and the
     kernels need no extra operand: ℓ·ρ·m for every loss but vespo (m joins the vLLM ratio's per-token product;
@@ -131,7 +118,7 @@ def _check_grpo_inputs(ids, attention_mask, advantages, old, ref, vllm_is_ratio,
     old = checks.check_per_token("old_per_token_logps", old, (B, T), device)
     ref = checks.check_per_token("ref_per_token_logps", ref, (B, T), device)
     rho = checks.check_vllm_ratio(vllm_is_ratio, B, T, device)
-    keep = _check_token_loss_mask(token_loss_mask, B, T, device)
+    keep = checks.check_token_multiplier("token_loss_mask", token_loss_mask, B, T, device, allow_bool=True)
     adv, rho = _apply_token_loss_mask(keep, adv, rho, loss_type)
     return mask, adv, old, ref, rho, checks.check_num_items(num_items_in_batch)
 

@@ -128,17 +128,22 @@ def check_advantages(advantages, B: int, T: int, device) -> Tensor:
     return advantages
 
 
-def check_vllm_ratio(x, B: int, T: int, device) -> Optional[Tensor]:
+def check_token_multiplier(name: str, x, B: int, T: int, device, allow_bool: bool = False) -> Optional[Tensor]:
+    """A per-token (or per-sequence) multiplier of the policy term: `vllm_is_ratio`, `token_loss_mask`."""
     if x is None:
         return None
-    x = _need_tensor("vllm_is_ratio", x)
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"vllm_is_ratio must be a floating tensor, got {x.dtype}")
+    x = _need_tensor(name, x)
+    if not (x.dtype.is_floating_point or (allow_bool and x.dtype == torch.bool)):
+        raise TypeError(f"{name} must be a {'bool or ' if allow_bool else ''}floating tensor, got {x.dtype}")
     if tuple(x.shape) not in ((B, T), (B, 1), (B,)):
-        raise ValueError(f"vllm_is_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"vllm_is_ratio is on {x.device} but the inputs are on {device}")
+        raise ValueError(f"{name} is on {x.device} but the inputs are on {device}")
     return x
+
+
+def check_vllm_ratio(x, B: int, T: int, device) -> Optional[Tensor]:
+    return check_token_multiplier("vllm_is_ratio", x, B, T, device)
 
 
 def check_num_items(num_items_in_batch) -> Optional[Union[float, Tensor]]:
