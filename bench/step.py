@@ -6,7 +6,8 @@ and config, with time and peak memory split into generation / scoring / update.
 Times: ours from the trainer's logged time/generation, time/scoring, time/update and step_time metrics; TRL
 (which logs no such split) from wrappers around its _generate and _calculate_rewards and a step callback, its
 update being the step's remainder (old/ref log-probs, loss, backward, optimizer), as ours counts it.
-Memory: peak above the phase's starting point, per phase (GPU: max_memory_allocated; CPU: peak RSS reset at
+Memory: ours through the trainer's phase callbacks (grpo/callbacks.py), TRL's through the same wrappers; the
+peak above the phase's starting point, per phase (GPU: max_memory_allocated; CPU: peak RSS reset at
 each phase start), plus the whole process's peak. Each variant runs in its own worker process.
 """
 
