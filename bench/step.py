@@ -6,7 +6,8 @@ and config, with time and peak memory split into generation / scoring / update.
 Times: ours from the trainer's logged time/generation, time/scoring, time/update and step_time metrics; TRL
 (which logs no such split) from wrappers around its _generate and _calculate_rewards and a step callback, its
 update being the step's remainder (old/ref log-probs, loss, backward, optimizer), as ours counts it.
-Memory: peak above the phase's starting point, per phase (GPU: max_memory_allocated; CPU: peak RSS reset at
+Memory: ours through the trainer's phase callbacks (grpo/callbacks.py), TRL's through the same wrappers; the
+peak above the phase's starting point, per phase (GPU: max_memory_allocated; CPU: peak RSS reset at
 each phase start), plus the whole process's peak. Each variant runs in its own worker process.
 """
 
@@ -173,9 +174,26 @@ def _shared_args(task: dict, output_dir: str) -> dict:
                 max_steps=task["warmup_steps"] + task["steps"], logging_steps=1, report_to="none", seed=task["seed"])
 
 
+class PhaseMeterCallback:
+    """GRPOTrainer's phase events (grpo/callbacks.py) into a PhaseMeter. The old/reference log-probs ("logprobs")
+    count as update, as the trainer's time/update counts them."""
+
+    NAMES = {"generation": "generation", "scoring": "scoring", "logprobs": "update", "update": "update"}
+
+    def __init__(self, meter: PhaseMeter):
+        self.meter = meter
+        self._open: list = []
+
+    def on_phase_begin(self, args, state, control, phase: str, **kwargs) -> None:
+        ctx = self.meter.phase(self.NAMES[phase])
+        ctx.__enter__()
+        self._open.append(ctx)
+
+    def on_phase_end(self, args, state, control, phase: str, **kwargs) -> None:
+        self._open.pop().__exit__(None, None, None)
+
+
 def _run_ours(task: dict, device: torch.device) -> dict:
-    import grpo.rollout as rollout
-    import grpo.update as update
     from grpo import GRPOConfig, GRPOTrainer
 
     c = task["config"]
@@ -185,23 +203,11 @@ def _run_ours(task: dict, device: torch.device) -> dict:
         args = GRPOConfig(**_shared_args(task, tmp), max_prompt_length=c["max_prompt_length"], save_steps=10**9,
                           disable_progress_bar=True, kernel_strategy=strategy, use_vllm=variant.endswith("+vllm"))
         meter = PhaseMeter(device)
-        patches = [
-            (rollout, "generate_rollout", meter.wrap("generation", rollout.generate_rollout)),
-            (update, "per_token_logps", meter.wrap("update", update.per_token_logps)),
-            (update, "micro_step", meter.wrap("update", update.micro_step)),
-        ]
-        saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
-        try:
-            for m, n, f in patches:
-                setattr(m, n, f)
-            t0 = time.perf_counter()
-            trainer = GRPOTrainer(model=task["model"], reward_funcs=_rewards(), args=args, train_dataset=_rows(64, task["seed"]))
-            setup_s = time.perf_counter() - t0  # model load (+ vLLM engine start)
-            trainer._score = meter.wrap("scoring", trainer._score)
-            history = trainer.train()
-        finally:
-            for m, n, f in saved:
-                setattr(m, n, f)
+        t0 = time.perf_counter()
+        trainer = GRPOTrainer(model=task["model"], reward_funcs=_rewards(), args=args,
+                              train_dataset=_rows(64, task["seed"]), callbacks=[PhaseMeterCallback(meter)])
+        setup_s = time.perf_counter() - t0  # model load (+ vLLM engine start)
+        history = trainer.train()
     rows = [r for r in history if "step_time" in r]
     per_step = [
         {"step": r["step_time"], **{p: r.get(f"time/{p}") for p in PHASES}, "weight_sync": r.get("time/weight_sync"),
@@ -267,6 +273,7 @@ def _run_trl(task: dict, device: torch.device) -> dict:
             processing_class=tokenizer,
             callbacks=[StepClock()],
         )
+        # TRL's trainer is third-party and has no phase events: its private methods are wrapped, on this instance only.
         trainer._generate = meter.wrap("generation", trainer._generate)
         trainer._calculate_rewards = meter.wrap("scoring", trainer._calculate_rewards)
         trainer.training_step = meter.wrap("update", trainer.training_step)

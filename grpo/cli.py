@@ -528,15 +528,33 @@ def cmd_eval(argv: list[str]) -> dict:
     return metrics
 
 
+def export_merged(checkpoint_dir, output_dir) -> Path:
+    """Merge a LoRA checkpoint's adapter into its base weights and save a plain `save_pretrained` folder. It lives
+    here, not in grpo.lora, because it loads the model: grpo.model imports grpo.lora, so the reverse would be a cycle."""
+    from .lora import ADAPTER_CONFIG, is_adapter_dir
+    from .model import load_model
+    from .permissions import honour_umask
+
+    if not is_adapter_dir(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} holds no {ADAPTER_CONFIG}: nothing to merge")
+    model, tokenizer = load_model(str(checkpoint_dir))
+    merged = model.merge_and_unload()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for weights in out.glob("*.safetensors"):  # safetensors writes 0600; the rest of `out` may not be ours
+        honour_umask(weights)
+    return out
+
+
 def cmd_export(argv: list[str]) -> str:
     """Merge a LoRA checkpoint's adapter into its base model and save a plain save_pretrained folder."""
-    from . import lora
-
     parser = argparse.ArgumentParser(prog="grpo export", description=cmd_export.__doc__)
     parser.add_argument("--model", required=True, help="a LoRA checkpoint folder (adapter + trainer state)")
     parser.add_argument("--output_dir", required=True, help="where the merged model is saved")
     args = parser.parse_args(argv)
-    out = lora.export_merged(args.model, args.output_dir)
+    out = export_merged(args.model, args.output_dir)
     print(f"[grpo] merged adapter of {args.model} into {out}", flush=True)
     return str(out)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .permissions import honour_umask
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -130,19 +129,3 @@ def load_with_adapter(folder, base_loader, trainable: bool = False):
     base, tokenizer = base_loader(base_model_of(folder))
     return peft.PeftModel.from_pretrained(base, str(folder), is_trainable=trainable), tokenizer
 
-
-def export_merged(checkpoint_dir, output_dir) -> Path:
-    """Merge a LoRA checkpoint's adapter into its base weights and save a plain `save_pretrained` folder."""
-    from .model import load_model
-
-    if not is_adapter_dir(checkpoint_dir):
-        raise ValueError(f"{checkpoint_dir} holds no {ADAPTER_CONFIG}: nothing to merge")
-    model, tokenizer = load_model(str(checkpoint_dir))
-    merged = model.merge_and_unload()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    for weights in out.glob("*.safetensors"):  # safetensors writes 0600; the rest of `out` may not be ours
-        honour_umask(weights)
-    return out

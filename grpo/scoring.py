@@ -21,9 +21,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import distributed
+from .advantages import compute_advantages
 from .data import is_conversational
 from .errors import RewardFunctionError, UnscorableRewardsError
 from .rewards import REWARD_FUNCS
+from .rollout import rank_slice, truncation_warning
 
 _NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # TRL passes these separately, never as columns
 _MAX_REWARD = float(torch.finfo(torch.float32).max)  # rewards are held in float32: larger ones would become inf
@@ -347,3 +350,54 @@ def reward_metrics(rewards_per_func: torch.Tensor, names: Sequence[str]) -> dict
         metrics[f"rewards/{name}/mean"] = scored.mean().item() if scored.numel() else float("nan")
         metrics[f"rewards/{name}/std"] = nanstd(col).item()
     return metrics
+
+
+def score_rollout(batch, reward_funcs: list, reward_names: list[str], args, info, trainer_state, unscorable,
+                  logger, say_prompts_cut: bool) -> tuple[int, bool]:
+    """Rewards → advantages of one generation batch (global group statistics, as TRL gathers them) and its rollout
+    metrics. Sets batch.advantages (this rank's slice) and batch.num_items_in_batch; writes the metrics to `logger`.
+    Returns (prompt + completion tokens of the batch on all ranks, whether the prompts-cut warning was written now:
+    it is written at most once per run, when say_prompts_cut)."""
+    device = info.device
+    step = trainer_state.global_step + 1  # the step this batch trains
+    columns = {k: [r[k] for r in batch.rows] for k in batch.rows[0] if k != "prompt"}
+    per_func, total = score_completions(reward_funcs, batch.prompts, batch.completions, batch.completion_id_lists,
+                                        columns, args.reward_weights, trainer_state=trainer_state)
+    per_func_all = distributed.all_gather_tensor(per_func.to(device), info).cpu()
+    total_all = distributed.all_gather_tensor(total.to(device), info).cpu()
+    warning = unscorable.update(total_all, step)  # raises after max_unscorable_steps in a row
+    if warning:
+        logger.write(warning)
+    advantages, reward_stats = compute_advantages(total_all, args.num_generations, args.scale_rewards)
+    batch.advantages = rank_slice(advantages, info.rank, info.world_size).to(device)
+
+    lengths = torch.tensor([len(c) for c in batch.completion_id_lists], dtype=torch.float64, device=device)
+    lengths_all = distributed.all_gather_tensor(lengths, info)
+    truncated_all = distributed.all_gather_tensor(batch.is_truncated.to(torch.float64), info)
+    counts = torch.tensor([float(batch.completion_mask.sum()), float(batch.prompt_mask.sum())],
+                          dtype=torch.float64, device=device)
+    counts = distributed.all_reduce_sum(counts, info)
+    batch.num_items_in_batch = float(counts[0])
+    tokens = int(counts[1] + lengths_all.sum())
+
+    logger.add_many({**reward_stats, **reward_metrics(per_func_all, reward_names)})
+    logger.add_many({
+        "completions/mean_length": lengths_all.mean().item(),
+        "completions/min_length": lengths_all.min().item(),
+        "completions/max_length": lengths_all.max().item(),
+        "completions/clipped_ratio": truncated_all.mean().item(),
+    })
+    said_cut = False
+    if batch.is_prompt_truncated is not None:  # prompts cut to max_prompt_length: counted, and said once
+        cut_all = distributed.all_gather_tensor(batch.is_prompt_truncated.to(torch.float64), info)
+        logger.add("prompts/truncated_fraction", cut_all.mean().item())
+        if cut_all.any() and say_prompts_cut:
+            said_cut = True
+            logger.write(truncation_warning(step, cut_all, args.max_prompt_length))
+    if args.log_completions:
+        everything = distributed.all_gather_object((batch.prompts, batch.completions), info)
+        prompts = [p for g in everything for p in g[0]]
+        completions = [c for g in everything for c in g[1]]
+        rewards = {n: per_func_all[:, j].tolist() for j, n in enumerate(reward_names)}
+        logger.add_completions(step, prompts, completions, rewards, advantages.tolist())
+    return tokens, said_cut

@@ -9,6 +9,7 @@
                        signals.py: SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop)
     evaluate.py    (7) held-out accuracy
     distributed.py (8) several processes: gathers and gradient averaging
+    callbacks.py   callbacks=[...]: transformers' TrainerCallback events plus phase events around (1)–(4)
 
 Batch vocabulary (TRL's): a *generation batch* holds generation_batch_size completions on all ranks
 (= generation_batch_size / num_generations prompts, each repeated num_generations times); each rank splits its
@@ -27,13 +28,12 @@ import copy
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from . import advantages as adv_lib
 from . import checkpoint, distributed, fsdp, lora, rollout, run_lock, scoring, signals, update, vllm_importance
 from . import data
+from .callbacks import CallbackHandler
 from . import evaluate as eval_lib
 from . import model as model_lib
 from .config import GRPOConfig
@@ -42,7 +42,7 @@ from .logger import MetricsLogger, plot_reward_curve
 
 class GRPOTrainer:
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, reward_processing_classes=None, peft_config=None):
+                 processing_class=None, reward_processing_classes=None, peft_config=None, callbacks=None):
         self.args = args = args if args is not None else GRPOConfig()
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a grpo.GRPOConfig, got {type(args).__name__}")
@@ -101,6 +101,10 @@ class GRPOTrainer:
                                        num_warmup_steps=math.ceil(args.warmup_ratio * self.max_steps),
                                        num_training_steps=self.max_steps)
         self.loss_fn = update.make_loss_fn(args)
+        from transformers import TrainerState
+
+        # callbacks=[...]: see callbacks.py; checked here, before any training.
+        self.callback_handler = CallbackHandler(callbacks, args, TrainerState(max_steps=self.max_steps))
 
         self.step = 0  # optimizer steps done
         self.num_tokens = 0  # prompt + completion tokens generated so far, all ranks (TRL's num_tokens)
@@ -149,9 +153,13 @@ class GRPOTrainer:
         self._early_evals = []
         self.model.train()
         self.logger.start(self.step)
+        events = self.callback_handler
+        self._sync_state()
+        events.event("on_train_begin")
 
         while self.step < self.max_steps:
             step_start, tokens_before = time.perf_counter(), self.num_tokens
+            events.event("on_step_begin")
             times = {"time/generation": 0.0, "time/scoring": 0.0, "time/update": 0.0}
             step_loss = 0.0
             for micro in range(gas):
@@ -166,7 +174,7 @@ class GRPOTrainer:
                     order = [self.train_rows[i] for i in self.sampler.next_batch()]
                     rows = rollout.rank_slice(order, info.rank, info.world_size)
                     self.model.eval()
-                    with update.autocast(self.model, args.bf16):
+                    with events.phase("generation"), update.autocast(self.model, args.bf16):
                         batch = self._run(rollout.generate_rollout, self.tokenizer, rows, args, self.generate_fn,
                                           generation=True)
                     self.model.train()
@@ -175,21 +183,16 @@ class GRPOTrainer:
                     # (2) Rewards of the whole generation batch (all ranks), advantages per group, our slice kept.
                     t0 = time.perf_counter()
                     self.logger.phase("scoring", self.step + 1)
-                    self._score(batch)
+                    with events.phase("scoring"):
+                        self._score(batch)
                     times["time/scoring"] += time.perf_counter() - t0
 
                     # (3) Log-probs that the update compares against: old policy, reference (KL) policy.
                     t0 = time.perf_counter()
                     self.logger.phase("updating", self.step + 1)
-                    if needs_old_logps:
-                        batch.old_logps = self._run(update.per_token_logps, batch, args)
-                    if self.vllm is not None:
-                        self.logger.add_many(vllm_importance.correct_rollout(batch, args, info))
-                    if self.ref_model is not None:
-                        batch.ref_logps = self._run(update.per_token_logps, batch, args, ref=True)
-                    elif args.beta != 0.0:  # LoRA: the base model is the reference
-                        with lora.adapters_disabled(self.model):
-                            batch.ref_logps = self._run(update.per_token_logps, batch, args)
+                    if needs_old_logps or self.vllm is not None or args.beta != 0.0:
+                        with events.phase("logprobs"):
+                            self._old_and_ref_logps(batch, needs_old_logps)
                     self.buffer = batch.split(spg)
                     times["time/update"] += time.perf_counter() - t0
 
@@ -198,8 +201,9 @@ class GRPOTrainer:
                 self.logger.phase("updating", self.step + 1)
                 # FSDP's backward holds collectives every rank must join: no zero-signal skipping there.
                 run = {} if self.fsdp_root is None else {"run": self.fsdp_root, "skip_zero_signal": False}
-                loss, sums = update.micro_step(self.model, self.loss_fn, self.buffer[micro_index % spg], args,
-                                               info.world_size, **run)
+                with events.phase("update"):
+                    loss, sums = update.micro_step(self.model, self.loss_fn, self.buffer[micro_index % spg], args,
+                                                   info.world_size, **run)
                 step_loss += loss
                 for name, (total, count) in distributed.reduce_metric_sums({k: list(v) for k, v in sums.items()},
                                                                            info).items():
@@ -216,9 +220,11 @@ class GRPOTrainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self._sync_state()
             times["time/update"] += time.perf_counter() - t0
             if self.vllm is not None:  # the next rollout samples from the weights just updated
                 times["time/weight_sync"] = self.vllm.sync(self.model)
+            events.event("on_step_end")  # as transformers: after the optimizer step, before on_log
 
             # (5) Metrics: TRL's names; loss is averaged over ranks as transformers' Trainer logs it.
             step_time = time.perf_counter() - step_start
@@ -235,6 +241,7 @@ class GRPOTrainer:
                     "epoch": self.sampler.epochs_done,
                 })
                 self.logger.step_line(row)
+                events.event("on_log", logs=row)
             self.logger.progress(self.step, self.logger.history[-1] if self.logger.history else None)
 
             # (7) Evaluation every eval_steps.
@@ -257,55 +264,39 @@ class GRPOTrainer:
 
         self.plot_reward_curve()
         self.logger.close()
+        events.event("on_train_end")
         return self.logger.history
 
     # ------------------------------------------------------------------------------------------------------------
     # Stage helpers
     # ------------------------------------------------------------------------------------------------------------
     def _score(self, batch: rollout.Rollout) -> None:
-        """Rewards → advantages (global group statistics, as TRL gathers them) and the rollout metrics."""
-        args, info, device = self.args, self.dist, self.dist.device
-        columns = {k: [r[k] for r in batch.rows] for k in batch.rows[0] if k != "prompt"}
-        state = SimpleNamespace(global_step=self.step, max_steps=self.max_steps, epoch=self.sampler.epochs_done)
-        per_func, total = scoring.score_completions(self.reward_funcs, batch.prompts, batch.completions,
-                                                    batch.completion_id_lists, columns, args.reward_weights,
-                                                    trainer_state=state)
-        per_func_all = distributed.all_gather_tensor(per_func.to(device), info).cpu()
-        total_all = distributed.all_gather_tensor(total.to(device), info).cpu()
-        warning = self.unscorable.update(total_all, self.step + 1)  # raises after max_unscorable_steps in a row
-        if warning:
-            self.logger.write(warning)
-        advantages, reward_stats = adv_lib.compute_advantages(total_all, args.num_generations, args.scale_rewards)
-        batch.advantages = rollout.rank_slice(advantages, info.rank, info.world_size).to(device)
+        """(2): scoring.score_rollout, counting the tokens and saying once that prompts were cut."""
+        self._sync_state()
+        tokens, said_cut = scoring.score_rollout(batch, self.reward_funcs, self.reward_names, self.args, self.dist,
+                                                 self.callback_handler.state, self.unscorable, self.logger,
+                                                 say_prompts_cut=not self._said_prompts_cut)
+        self.num_tokens += tokens
+        self._said_prompts_cut |= said_cut
 
-        lengths = torch.tensor([len(c) for c in batch.completion_id_lists], dtype=torch.float64, device=device)
-        lengths_all = distributed.all_gather_tensor(lengths, info)
-        truncated_all = distributed.all_gather_tensor(batch.is_truncated.to(torch.float64), info)
-        counts = torch.tensor([float(batch.completion_mask.sum()), float(batch.prompt_mask.sum())],
-                              dtype=torch.float64, device=device)
-        counts = distributed.all_reduce_sum(counts, info)
-        batch.num_items_in_batch = float(counts[0])
-        self.num_tokens += int(counts[1] + lengths_all.sum())
+    def _old_and_ref_logps(self, batch: rollout.Rollout, needs_old_logps: bool) -> None:
+        """(3): the old-policy and reference log-probs of a generation batch, and vLLM's importance correction."""
+        args = self.args
+        if needs_old_logps:
+            batch.old_logps = self._run(update.per_token_logps, batch, args)
+        if self.vllm is not None:
+            self.logger.add_many(vllm_importance.correct_rollout(batch, args, self.dist))
+        if self.ref_model is not None:
+            batch.ref_logps = self._run(update.per_token_logps, batch, args, ref=True)
+        elif args.beta != 0.0:  # LoRA: the base model is the reference
+            with lora.adapters_disabled(self.model):
+                batch.ref_logps = self._run(update.per_token_logps, batch, args)
 
-        self.logger.add_many({**reward_stats, **scoring.reward_metrics(per_func_all, self.reward_names)})
-        self.logger.add_many({
-            "completions/mean_length": lengths_all.mean().item(),
-            "completions/min_length": lengths_all.min().item(),
-            "completions/max_length": lengths_all.max().item(),
-            "completions/clipped_ratio": truncated_all.mean().item(),
-        })
-        if batch.is_prompt_truncated is not None:  # prompts cut to max_prompt_length: counted, and said once
-            cut_all = distributed.all_gather_tensor(batch.is_prompt_truncated.to(torch.float64), info)
-            self.logger.add("prompts/truncated_fraction", cut_all.mean().item())
-            if cut_all.any() and not self._said_prompts_cut:
-                self._said_prompts_cut = True
-                self.logger.write(rollout.truncation_warning(self.step + 1, cut_all, args.max_prompt_length))
-        if args.log_completions:
-            everything = distributed.all_gather_object((batch.prompts, batch.completions), info)
-            prompts = [p for g in everything for p in g[0]]
-            completions = [c for g in everything for c in g[1]]
-            rewards = {n: per_func_all[:, j].tolist() for j, n in enumerate(self.reward_names)}
-            self.logger.add_completions(self.step + 1, prompts, completions, rewards, advantages.tolist())
+    def _sync_state(self) -> None:
+        """The TrainerState that callbacks and reward functions see, brought up to date."""
+        state = self.callback_handler.state
+        state.global_step, state.max_steps, state.epoch = self.step, self.max_steps, self.sampler.epochs_done
+        state.log_history = self.logger.history if self.logger is not None else []
 
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
         """Accuracy and mean rewards on eval_dataset (greedy when eval_temperature is 0); logged during training."""

@@ -255,6 +255,7 @@ def test_step_benchmark_runs_the_bundled_trainer(tmp_path):
     assert ours["status"] == "ok", ours.get("error")
     assert len(ours["per_step"]) == 1 and ours["step_s"] > 0
     assert all(ours[f"{p}_s"] is not None for p in step.PHASES)
+    assert set(ours["peak_extra_bytes"]) == set(step.PHASES)  # the trainer's phase callbacks fed the meter
     # TRL's row runs wherever trl and datasets are installed (CI installs both), and says why not otherwise.
     trl_installed = all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets"))
     assert by["trl"]["status"] == ("ok" if trl_installed else "unavailable"), by["trl"].get("error")

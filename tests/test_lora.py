@@ -182,7 +182,9 @@ def test_checkpoint_holds_the_adapter_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     with lora.adapters_disabled(full.model), torch.no_grad():
         assert float((full.model(input_ids=ids).logits - want).abs().max()) > 1e-4  # the adapter matters
-    out = lora.export_merged(final, tmp_path / "merged")
+    from grpo.cli import export_merged
+
+    out = export_merged(final, tmp_path / "merged")
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(out).eval()

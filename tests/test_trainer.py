@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from grpo import cli, rollout, update
 from grpo.config import GRPOConfig
@@ -136,6 +137,65 @@ def test_kl_and_old_logps_paths(tmp_path):
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
     assert history[1]["kl"] > 0.0
     assert history[1]["clip_ratio/region_mean"] > 0.0  # second pass over the same batch: ratios moved past 1±0.01
+
+
+class EventRecorder(TrainerCallback):
+    """A transformers TrainerCallback that also records grpo's phase events."""
+
+    def __init__(self):
+        self.events = []
+
+    def _add(self, name, state, logs=None):
+        self.events.append((name, state.global_step, logs is not None and "loss" in logs))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._add("on_train_begin", state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._add("on_train_end", state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._add("on_step_begin", state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._add("on_step_end", state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._add("on_log", state, logs)
+
+    def on_phase_begin(self, args, state, control, phase, **kwargs):
+        self.events.append(("begin", phase))
+
+    def on_phase_end(self, args, state, control, phase, **kwargs):
+        self.events.append(("end", phase))
+
+
+def test_callbacks_see_the_phases_in_order(tmp_path):
+    # num_iterations=2, beta>0: step 1 generates, scores and computes old/ref log-probs; step 2 reuses that batch.
+    recorder = EventRecorder()
+    args = make_config(tmp_path, beta=0.1, num_iterations=2, max_steps=2)
+    trainer = GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=toy_rows(), callbacks=[recorder])
+    trainer.generate_fn = fake_generate
+    trainer.train()
+    phases = [("begin", "generation"), ("end", "generation"), ("begin", "scoring"), ("end", "scoring"),
+              ("begin", "logprobs"), ("end", "logprobs"), ("begin", "update"), ("end", "update")]
+    assert recorder.events == [
+        ("on_train_begin", 0, False),
+        ("on_step_begin", 0, False), *phases, ("on_step_end", 1, False), ("on_log", 1, True),
+        ("on_step_begin", 1, False), ("begin", "update"), ("end", "update"), ("on_step_end", 2, False),
+        ("on_log", 2, True),
+        ("on_train_end", 2, False),
+    ]
+
+
+def test_callbacks_must_be_a_list_of_instances(tmp_path):
+    args = make_config(tmp_path)
+    with pytest.raises(TypeError, match="callbacks\\[0\\] is the class EventRecorder"):
+        GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=toy_rows(), callbacks=[EventRecorder])
+    with pytest.raises(TypeError, match="defines none of"):
+        GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=toy_rows(), callbacks=[object()])
+    with pytest.raises(TypeError, match="callbacks must be a list"):
+        GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=toy_rows(), callbacks=EventRecorder())
 
 
 def test_no_old_logps_when_batch_is_used_within_one_step(tmp_path):
