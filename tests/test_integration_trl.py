@@ -322,6 +322,9 @@ _OLD_TRL_RUN = textwrap.dedent('''
     (use_liger_kernel=True, which TRL 0.25-1.14 need to take their fused path; the fused GRPO loss of 1.13, or
     Liger's own before, gets compiled=False to spare a torch.compile on the CPU) or 'plain'. Prints one JSON line."""
     import functools, json, sys, tempfile
+    # These TRL versions import vLLM's client when vLLM is installed, and predate the installed vLLM's API; their
+    # GRPO loss never samples with it, so hide it (find_spec gives None for a None entry in sys.modules).
+    sys.modules["vllm"] = None
     import torch, datasets, trl
     import trl.trainer.grpo_trainer as grpo_trainer
     from grpo.model import build_tiny_model, build_tiny_tokenizer
