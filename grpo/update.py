@@ -203,7 +203,7 @@ def micro_loss(model, loss_fn, mb, args, world_size: int):
     loss, metrics = loss_fn(
         hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
         ref_per_token_logps=mb.ref_logps, old_per_token_logps=mb.old_logps, num_items_in_batch=num_items,
-        vllm_is_ratio=getattr(mb, "importance_sampling_ratio", None),  # the vLLM ratio (grpo/vllm_importance.py)
+        vllm_is_ratio=mb.importance_sampling_ratio,  # the vLLM ratio (grpo/vllm_importance.py)
         token_loss_mask=keep,
     )
     loss = loss * loss_multiplier(args, world_size)
