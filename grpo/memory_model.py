@@ -13,9 +13,9 @@ N tokens per micro-batch:
   2 B bf16 + 4 B fp32 gradient per root parameter. Generation gathers the whole model in bf16: 2 B/parameter.
 - LoRA: the frozen base in bf16 (model_init_kwargs={"dtype": "bfloat16"}) 2 B/parameter, the adapters 16 B per
   adapter parameter; the reference policy is the same weights with adapters off; the LM head is frozen (no dW).
-- The fused loss holds one chunk of bf16 logits (at most 2.5 GiB, grpo_kernels' default) and, when the head
-  trains, an fp32 dW accumulator of V*H*4 bytes; with the vocab-parallel loss the head's rows (its gathered copy,
-  gradient and accumulator) are split over the W ranks.
+- The fused loss holds one chunk of fp32 logits, 4 B per logit (at most 2.5 GiB, grpo_kernels' default) and,
+  when the head trains, an fp32 dW accumulator of V*H*4 bytes; with the vocab-parallel loss the head's rows (its
+  gathered copy, gradient and accumulator) are split over the W ranks.
 - activations per token (bf16, SDPA/flash attention, gradient checkpointing on): the L layer inputs (fp32
   residual stream, 4H bytes each) plus one layer recomputed in full (about 20H + 8I bytes).
 """
@@ -86,7 +86,7 @@ SEED_COMPLETION_TOKENS = 8 * 256
 
 def _loss_workspace(a: Arch, tokens: int, head_trains: bool, shards: int) -> float:
     v = a.vocab / shards
-    return min(LOSS_CHUNK_CAP, tokens * v * 2) + (4 * v * a.hidden if head_trains else 0)
+    return min(LOSS_CHUNK_CAP, tokens * v * 4) + (4 * v * a.hidden if head_trains else 0)  # fp32 logits: 4 B each
 
 
 def peak_bytes(a: Arch, mode: str, gpus: int, vocab_parallel: bool = False, tokens: int = SEED_TOKENS,

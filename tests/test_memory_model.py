@@ -17,10 +17,19 @@ def test_parameter_counts_by_hand():
 
 
 def test_single_gpu_bytes_by_hand():
-    # 18 B * 80 params = 1440; activations per token 1*4*2 + 20*2 + 8*4 = 80; loss: logits 1*10*2 = 20, fp32 dW
-    # accumulator 4*10*2 = 80; generation: 12 B * 80 + KV 1*2*2*2 = 8
+    # 18 B * 80 params = 1440; activations per token 1*4*2 + 20*2 + 8*4 = 80; loss: fp32 logits 1 token * 10 * 4 B
+    # = 40, fp32 dW accumulator 4*10*2 = 80; generation: 12 B * 80 + KV 1*2*2*2 = 8
     got = mm.peak_bytes(TOY, "single", 1, tokens=1, loss_tokens=1)
-    assert got == {"update": 1440 + 80 + 100, "generation": 960 + 8}
+    assert got == {"update": 1440 + 80 + 40 + 80, "generation": 960 + 8}
+
+
+def test_the_loss_chunk_counts_fp32_logits_up_to_the_cap():
+    # LoRA on one GPU: no dW accumulator, so the loss term is the chunk alone. Two tokens more add 2 * 10 * 4 B.
+    one, three = (mm.peak_bytes(TOY, "lora", 1, tokens=1, loss_tokens=n)["update"] for n in (1, 3))
+    assert three - one == 2 * 10 * 4
+    # Far past the cap the chunk stops growing: 2.5 GiB, whatever the token count.
+    big, bigger = (mm.peak_bytes(TOY, "lora", 1, tokens=1, loss_tokens=n)["update"] for n in (10**9, 2 * 10**9))
+    assert bigger == big and big - one == pytest.approx(2.5 * 2**30 - 10 * 4)
 
 
 def test_fsdp_shards_states_but_gathers_for_generation():
