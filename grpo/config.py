@@ -44,20 +44,20 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+# The loss's choices are defined once, by the loss (options.py is torch-free, so `grpo --help` stays so).
+from grpo_kernels.options import BACKENDS as KERNEL_BACKENDS
+from grpo_kernels.options import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from grpo_kernels.options import STRATEGIES as KERNEL_STRATEGIES
+from grpo_kernels.options import TOKEN_LEVEL_ONLY as _TOKEN_ONLY_LOSSES
+
 from .value_checks import check_choice as _check_choice
 from .value_checks import check_int as _check_int
 from .value_checks import check_number as _check_number
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EVAL_STRATEGIES = ("no", "steps")
 REPORT_TO = ("none", "tensorboard")
-KERNEL_BACKENDS = ("auto", "torch", "triton")
-KERNEL_STRATEGIES = ("auto", "chunked", "fused")
-# The per-token loss of these uses log-probs / ratios in a way that a sequence-level ratio does not define.
-_TOKEN_ONLY_LOSSES = ("cispo", "sapo", "vespo")
 
 # Defaults that differ from TRL 1.16's trl.GRPOConfig, and fields it does not have (see the module docstring).
 DIFFERS_FROM_TRL = {

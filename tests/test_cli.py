@@ -89,6 +89,32 @@ def test_python_dash_m_entry_point():
     assert out.returncode == 0 and "grpo eval" in out.stdout
 
 
+def test_help_and_the_config_do_not_import_torch():
+    """`grpo train --help` answers without loading torch, although GRPOConfig takes its loss choices from
+    grpo_kernels; the kernel package loads torch only when a torch-backed name is first used."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from grpo import cli\n"
+        "from grpo.config import LOSS_TYPES\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as help_text:\n"
+        "    try:\n"
+        "        cli.main(['train', '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert '--loss_type' in help_text.getvalue(), help_text.getvalue()[-300:]\n"
+        "import grpo_kernels\n"
+        "from grpo_kernels import LOSS_TYPES as KERNEL_LOSS_TYPES\n"
+        "print('torch after help:', 'torch' in sys.modules)\n"
+        "print('one tuple:', KERNEL_LOSS_TYPES is LOSS_TYPES)\n"
+        "grpo_kernels.fused_linear_grpo_loss\n"
+        "print('torch after a kernel name:', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["torch after help: False", "one tuple: True",
+                                       "torch after a kernel name: True"]
+
+
 def test_eval_command_on_a_checkpoint(tmp_path, capsys):
     torch.set_num_threads(1)
     cli.main(["train", "--preset", "smoke", "--model", "tiny", "--dataset", "toy", "--reward_funcs", "toy",
