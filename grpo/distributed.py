@@ -85,6 +85,16 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def any_rank(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Each flag, true on every rank when it is true on any: for decisions that lead into a collective (a save,
+    an evaluation, the end of the loop), which every rank must take alike. A collective itself."""
+    if not info.enabled:
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [v > 0 for v in t.tolist()]
+
+
 def average_gradients(params, info: DistInfo) -> None:
     """All-reduce and average .grad across ranks, bucketed into flat buffers (as DDP would)."""
     if not info.enabled:

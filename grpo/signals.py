@@ -3,8 +3,9 @@
 While GRPOTrainer.train() runs, the first of these signals only sets a flag: the current optimizer step finishes,
 a checkpoint is saved (pruned under save_total_limit as usual), one line is logged and train() returns, so
 `grpo train` exits 0. A second SIGINT raises KeyboardInterrupt at once (no checkpoint; `grpo train` exits 130);
-a second SIGTERM or SIGUSR1 changes nothing. The flag is all-reduced after every optimizer step, so under torchrun
-every rank stops after the same step even when only one of them got the signal.
+a second SIGTERM or SIGUSR1 changes nothing. The trainer all-reduces `received` after every optimizer step (with
+the callbacks' should_training_stop), so under torchrun every rank stops after the same step even when only one
+of them got the signal.
 Handlers are installed only from the main thread (Python delivers signals there) and restored when train() ends.
 """
 
@@ -13,14 +14,11 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopOnSignal:
-    def __init__(self, info):
-        self.info = info
+    def __init__(self):
         self.received: str | None = None  # name of the first signal this process got
         self._previous: dict = {}
 
@@ -41,15 +39,6 @@ class StopOnSignal:
             raise KeyboardInterrupt(f"second SIGINT (after {self.received}): stopped at once, without a checkpoint")
         if self.received is None:
             self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        """True on every rank when any rank received a stop signal (a collective: call it on every rank)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], dtype=torch.float64, device=self.info.device)
-        if self.info.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        return bool(flag.item() > 0)
 
     def reason(self) -> str:
         return self.received or "a stop signal on another rank"

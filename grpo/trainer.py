@@ -127,9 +127,10 @@ class GRPOTrainer:
     # The loop
     # ------------------------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | None = None) -> list[dict]:
-        """Train to max_steps (or until a stop signal: see signals.py), holding output_dir's run lock."""
+        """Train to max_steps (or until a stop signal, see signals.py, or a callback's should_training_stop, see
+        callbacks.py), holding output_dir's run lock."""
         with run_lock.claim(self.args.output_dir, self.dist, bool(resume_from_checkpoint),
-                            self.args.overwrite_output_dir), signals.StopOnSignal(self.dist) as self._stop:
+                            self.args.overwrite_output_dir), signals.StopOnSignal() as self._stop:
             return self._train(resume_from_checkpoint)
 
     def _train(self, resume_from_checkpoint: str | None) -> list[dict]:
@@ -224,7 +225,14 @@ class GRPOTrainer:
             times["time/update"] += time.perf_counter() - t0
             if self.vllm is not None:  # the next rollout samples from the weights just updated
                 times["time/weight_sync"] = self.vllm.sync(self.model)
-            events.event("on_step_end")  # as transformers: after the optimizer step, before on_log
+            # What this step does next: what the config asks for, switched on as transformers' DefaultFlowCallback
+            # does (on top of what a callback set earlier in the step); on_step_end may still change it.
+            control = events.control
+            control.should_log |= self.step % args.logging_steps == 0 or self.step == self.max_steps
+            control.should_evaluate |= (bool(self.eval_rows) and args.eval_strategy == "steps"
+                                        and self.step % args.eval_steps == 0)
+            control.should_save |= self.step % args.save_steps == 0 or self.step == self.max_steps
+            control = events.event("on_step_end")  # as transformers: after the optimizer step, before on_log
 
             # (5) Metrics: TRL's names; loss is averaged over ranks as transformers' Trainer logs it.
             step_time = time.perf_counter() - step_start
@@ -234,32 +242,41 @@ class GRPOTrainer:
             self.logger.add("step_time", step_time)
             self.logger.add("tokens_per_second", (self.num_tokens - tokens_before) / max(step_time, 1e-9))
             self.logger.add_many(times)
-            if self.step % args.logging_steps == 0 or self.step == self.max_steps:
+            if control.should_log:
                 row = self.logger.log(self.step, {
                     "grad_norm": float(fsdp.full_value(grad_norm)), "learning_rate": learning_rate,
                     "num_tokens": self.num_tokens,
                     "epoch": self.sampler.epochs_done,
                 })
                 self.logger.step_line(row)
-                events.event("on_log", logs=row)
+                control = events.event("on_log", logs=row)
             self.logger.progress(self.step, self.logger.history[-1] if self.logger.history else None)
 
-            # (7) Evaluation every eval_steps.
-            if self.eval_rows and args.eval_strategy == "steps" and self.step % args.eval_steps == 0:
-                self.evaluate()
+            # (7) Evaluation every eval_steps, or when a callback asks (any rank's: it is a collective).
+            if distributed.any_rank([control.should_evaluate], info)[0]:
+                self.evaluate()  # calls on_evaluate
+                control = events.control
                 self.logger.write(f"[eval step {self.step}] accuracy={self.last_eval[1]['eval/accuracy']:.3f} "
                                   f"reward={self.last_eval[1]['eval/reward']:.3f}")
 
-            # (6) Checkpoint every save_steps and at the end, and before stopping on a signal (any rank's).
-            stop = self._stop.agreed()
-            if self.step % args.save_steps == 0 or self.step == self.max_steps or stop:
+            # (6) Checkpoint every save_steps and at the end, when a callback asks, and before stopping on a signal
+            # or a callback's should_training_stop (any rank's: every rank saves and stops after the same step).
+            by_signal, by_callback, save = distributed.any_rank(
+                [self._stop.received is not None, control.should_training_stop, control.should_save], info)
+            if save or by_signal or by_callback:
                 self.logger.phase("saving", self.step)
-                self.save_checkpoint()
-            if stop:  # (also at the last step: the command line then skips its final evaluation)
+                self.save_checkpoint(final=by_callback)
+                events.event("on_save")
+            folder = Path(args.output_dir) / f"{checkpoint.PREFIX}{self.step}"
+            if by_signal:  # (also at the last step: the command line then skips its final evaluation)
                 self.stopped_by_signal = self._stop.reason()
-                folder = Path(args.output_dir) / f"{checkpoint.PREFIX}{self.step}"
                 self.logger.write(f"[grpo] {self.stopped_by_signal}: stopped after step {self.step}/{self.max_steps} "
                                   f"and saved {folder}; continue with --resume_from_checkpoint {folder}")
+                break
+            if by_callback:  # a normal end of training, only earlier: final weights, evaluation, curve
+                if self.step < self.max_steps:
+                    self.logger.write(f"[grpo] a callback set should_training_stop: stopped after step "
+                                      f"{self.step}/{self.max_steps} and saved {folder}")
                 break
 
         self.plot_reward_curve()
@@ -317,6 +334,8 @@ class GRPOTrainer:
             self.logger.log_eval(self.step, metrics)
         else:  # before train(): kept for metrics.jsonl and the reward curve (step 0 = the starting point)
             self._early_evals.append((self.step, metrics))
+        self._sync_state()
+        self.callback_handler.event("on_evaluate", metrics=metrics)
         return metrics
 
     def plot_reward_curve(self) -> None:
@@ -324,8 +343,9 @@ class GRPOTrainer:
         if self.dist.is_main and self.logger is not None:
             plot_reward_curve(self.logger.history, f"{self.args.output_dir}/reward_curve.png", self.reward_names)
 
-    def save_checkpoint(self) -> None:
-        """checkpoint-<step>, written by the main rank into a temporary folder and renamed into place."""
+    def save_checkpoint(self, final: bool = False) -> None:
+        """checkpoint-<step>, written by the main rank into a temporary folder and renamed into place. The last
+        step's (or, with `final`, a callback's early end) also holds full weights when the model is sharded."""
         info, args = self.dist, self.args
         next_micro = self.step * args.gradient_accumulation_steps
         keep_buffer = self.buffer is not None and next_micro % (args.steps_per_generation * args.num_iterations) != 0
@@ -345,7 +365,7 @@ class GRPOTrainer:
         if self.fsdp_root is not None:  # every rank writes its shards; the final step also gets full weights
             checkpoint.save_sharded(args.output_dir, self.step, self.model, self.tokenizer, self.optimizer,
                                     self.scheduler, state, rngs, buffers, args.save_total_limit, info,
-                                    full_weights=self.step == self.max_steps)
+                                    full_weights=final or self.step == self.max_steps)
             return
         if info.is_main:
             checkpoint.save(args.output_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,

@@ -23,8 +23,8 @@ def _kill_after_step(trainer, step):
     """Make the run die right after optimizer step `step` is logged (and checkpointed, if it is a save step)."""
     original = trainer.save_checkpoint
 
-    def save_then_maybe_die():
-        original()
+    def save_then_maybe_die(**kwargs):
+        original(**kwargs)
         if trainer.step == step:
             raise Killed
 

@@ -270,11 +270,11 @@ def test_short_space_prunes_the_oldest_checkpoint_before_saving(tmp_path, monkey
 
     original = trainer.save_checkpoint
 
-    def save_checkpoint():
+    def save_checkpoint(**kwargs):
         if trainer.step == 3:
             size["one"] = checkpoint.folder_bytes(tmp_path / "checkpoint-2")
             _small_disk(monkeypatch, tmp_path, int(2.5 * size["one"]))
-        original()
+        original(**kwargs)
 
     trainer.save_checkpoint = save_checkpoint
     monkeypatch.setattr(torch, "save", save)
@@ -287,10 +287,10 @@ def test_short_space_never_deletes_the_last_complete_checkpoint(tmp_path, monkey
     trainer = tt.make_trainer(tmp_path, max_steps=2, save_steps=1, save_total_limit=limit)
     original = trainer.save_checkpoint
 
-    def save_checkpoint():
+    def save_checkpoint(**kwargs):
         if trainer.step == 2:  # room for half a checkpoint beside checkpoint-1
             _small_disk(monkeypatch, tmp_path, int(1.5 * checkpoint.folder_bytes(tmp_path / "checkpoint-1")))
-        original()
+        original(**kwargs)
 
     trainer.save_checkpoint = save_checkpoint
     with pytest.raises(CheckpointError) as e:
@@ -508,14 +508,30 @@ def _signal_rank1_reward(completions, target, **kwargs):
     return tt.letter_a_reward(completions, target)
 
 
-def _stop_worker(rank, world, port, out_dir):
+class _OneRankSteers:
+    """Rank 0 alone asks for a checkpoint after step 1; rank 1 alone asks to stop after step 2."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        rank = int(os.environ["RANK"])
+        if rank == 0 and state.global_step == 1:
+            control.should_save = True
+        if rank == 1 and state.global_step == 2:
+            control.should_training_stop = True
+
+
+def _stop_worker(rank, world, port, out_dir, by="signal"):
     from grpo import distributed
+    from grpo.trainer import GRPOTrainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = tt.make_trainer(out_dir, max_steps=5, save_steps=100, num_generations=4, per_device_train_batch_size=4)
-    trainer.reward_funcs = [_signal_rank1_reward]
+    args = tt.make_config(out_dir, max_steps=5, save_steps=100, num_generations=4, per_device_train_batch_size=4)
+    trainer = GRPOTrainer("tiny", tt.letter_a_reward, args=args, train_dataset=tt.toy_rows(),
+                          callbacks=[_OneRankSteers()] if by == "callback" else None)
+    trainer.generate_fn = tt.fake_generate
+    if by == "signal":
+        trainer.reward_funcs = [_signal_rank1_reward]
     try:
         trainer.train()
         with open(f"{out_dir}/stopped-{rank}.json", "w") as f:
@@ -541,6 +557,26 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert got == [{"step": 2, "by": "a stop signal on another rank"}, {"step": 2, "by": "SIGUSR1"}]
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-2"]
     assert len(checkpoint_io.load_rng_states(tmp_path / "checkpoint-2")) == 2
+
+
+@pytest.mark.slow
+def test_a_callbacks_save_or_stop_on_one_rank_applies_on_every_rank(tmp_path):
+    """Saving and stopping are collectives: a flag one rank's callback sets must not leave the other rank behind."""
+    import test_distributed
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_stop_worker, args=(2, test_distributed._free_port(), str(tmp_path), "callback"),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 600
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks did not finish: they disagreed about saving or stopping")
+    got = [json.loads((tmp_path / f"stopped-{r}.json").read_text()) for r in (0, 1)]
+    assert got == [{"step": 2, "by": None}, {"step": 2, "by": None}]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    assert len(checkpoint_io.load_rng_states(tmp_path / "checkpoint-1")) == 2
 
 
 # ------------------------------------------------------------------------------------------------------------------

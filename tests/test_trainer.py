@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -11,7 +12,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from grpo import cli, rollout, update
+from grpo import checkpoint, cli, rollout, update
 from grpo.config import GRPOConfig
 from grpo.model import build_tiny_tokenizer, load_model
 from grpo.trainer import GRPOTrainer
@@ -163,6 +164,12 @@ class EventRecorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         self._add("on_log", state, logs)
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._add("on_evaluate", state)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._add("on_save", state)
+
     def on_phase_begin(self, args, state, control, phase, **kwargs):
         self.events.append(("begin", phase))
 
@@ -183,9 +190,100 @@ def test_callbacks_see_the_phases_in_order(tmp_path):
         ("on_train_begin", 0, False),
         ("on_step_begin", 0, False), *phases, ("on_step_end", 1, False), ("on_log", 1, True),
         ("on_step_begin", 1, False), ("begin", "update"), ("end", "update"), ("on_step_end", 2, False),
-        ("on_log", 2, True),
+        ("on_log", 2, True), ("on_save", 2, False),
         ("on_train_end", 2, False),
     ]
+
+
+class StopAt(TrainerCallback):
+    """Asks the trainer to stop in `event` once global_step reaches `step`, by setting the flag or by returning a
+    new TrainerControl (transformers honours both)."""
+
+    def __init__(self, event, step, returns=False):
+        self.event, self.step, self.returns, self.seen = event, step, returns, []
+
+    def _maybe_stop(self, event, state, control):
+        self.seen.append((event, state.global_step))
+        if event == self.event and state.global_step >= self.step:
+            if self.returns:  # a new object, which the loop must then read instead of its own
+                return dataclasses.replace(control, should_training_stop=True)
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._maybe_stop("on_step_end", state, control)
+
+    def on_log(self, args, state, control, **kwargs):
+        return self._maybe_stop("on_log", state, control)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        return self._maybe_stop("on_evaluate", state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.seen.append(("on_save", state.global_step))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seen.append(("on_train_end", state.global_step))
+
+
+@pytest.mark.parametrize("event,returns", [("on_step_end", False), ("on_log", False), ("on_evaluate", False),
+                                           ("on_step_end", True)])
+def test_should_training_stop_ends_the_run_after_the_step_with_a_checkpoint(tmp_path, capsys, event, returns):
+    stopper = StopAt(event, 2, returns)
+    args = make_config(tmp_path, max_steps=4, save_steps=100, eval_strategy="steps", eval_steps=1,
+                       eval_max_samples=2)
+    trainer = GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=toy_rows(), eval_dataset=toy_rows(4),
+                          callbacks=[stopper])
+    trainer.generate_fn = fake_generate
+    history = trainer.train()
+    assert trainer.step == 2 and trainer.stopped_by_signal is None
+    assert [r["step"] for r in history if "loss" in r] == [1, 2]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
+    assert stopper.seen[-2:] == [("on_save", 2), ("on_train_end", 2)]
+    assert "a callback set should_training_stop: stopped after step 2/4" in capsys.readouterr().out
+
+
+class Steer(TrainerCallback):
+    """At step 1: save and evaluate although the config does not ask to, and do not log."""
+
+    def __init__(self):
+        self.saves, self.evals = [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            control.should_save = control.should_evaluate = True
+            control.should_log = False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evals.append((state.global_step, "eval/accuracy" in metrics))
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saves.append(state.global_step)
+
+
+def test_should_save_evaluate_and_log_steer_the_step(tmp_path):
+    steer = Steer()
+    args = make_config(tmp_path, max_steps=2, save_steps=100, logging_steps=1, eval_max_samples=2)
+    trainer = GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=toy_rows(), eval_dataset=toy_rows(4),
+                          callbacks=[steer])
+    trainer.generate_fn = fake_generate
+    trainer.train()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    assert steer.saves == [1, 2] and steer.evals == [(1, True)]
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [2]  # step 1's metrics go into step 2's row
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [1]
+
+
+def test_a_callback_returning_something_else_is_named(tmp_path):
+    class Returns(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            return True
+
+    args = make_config(tmp_path)
+    trainer = GRPOTrainer("tiny", letter_a_reward, args=args, train_dataset=toy_rows(), callbacks=[Returns()])
+    with pytest.raises(TypeError, match="Returns.on_train_begin returned a bool"):
+        trainer.train()
 
 
 def test_callbacks_must_be_a_list_of_instances(tmp_path):
