@@ -540,20 +540,25 @@ def _stop_worker(rank, world, port, out_dir, by="signal"):
         distributed.destroy(trainer.dist)
 
 
-@pytest.mark.slow
-def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+def _two_ranks_stop(out_dir, by: str) -> list[dict]:
+    """Runs _stop_worker on two gloo ranks; each rank's step and stop reason when train() returned."""
     import test_distributed
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_stop_worker, args=(2, test_distributed._free_port(), str(tmp_path)), nprocs=2,
+    ctx = mp.start_processes(_stop_worker, args=(2, test_distributed._free_port(), str(out_dir), by), nprocs=2,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + 600
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the ranks did not finish: they disagreed about stopping")
-    got = [json.loads((tmp_path / f"stopped-{r}.json").read_text()) for r in (0, 1)]
+            pytest.fail("the ranks did not finish: they disagreed about saving or stopping")
+    return [json.loads((out_dir / f"stopped-{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    got = _two_ranks_stop(tmp_path, "signal")
     assert got == [{"step": 2, "by": "a stop signal on another rank"}, {"step": 2, "by": "SIGUSR1"}]
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-2"]
     assert len(checkpoint_io.load_rng_states(tmp_path / "checkpoint-2")) == 2
@@ -562,18 +567,7 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 @pytest.mark.slow
 def test_a_callbacks_save_or_stop_on_one_rank_applies_on_every_rank(tmp_path):
     """Saving and stopping are collectives: a flag one rank's callback sets must not leave the other rank behind."""
-    import test_distributed
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_stop_worker, args=(2, test_distributed._free_port(), str(tmp_path), "callback"),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the ranks did not finish: they disagreed about saving or stopping")
-    got = [json.loads((tmp_path / f"stopped-{r}.json").read_text()) for r in (0, 1)]
+    got = _two_ranks_stop(tmp_path, "callback")
     assert got == [{"step": 2, "by": None}, {"step": 2, "by": None}]
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
     assert len(checkpoint_io.load_rng_states(tmp_path / "checkpoint-1")) == 2
