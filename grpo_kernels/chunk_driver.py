@@ -265,6 +265,7 @@ class ChunkDriver:
             ctx.plan, ctx.needs, ctx.temperature = plan, needs, opts.temperature
         elif grads is not None:
             d_rows, d_weight, d_bias = grads.finish(shard, h2d, weight, bias)
+            grads = None  # the fp32 dW accumulator goes before d_rows are scattered into [N, H]
             ctx.save_for_backward(scatter_rows(d_rows, plan, h2d), d_weight, d_bias)
         else:
             ctx.save_for_backward(None, None, None)
