@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import shared_prompts
 from .data import is_conversational
 
 
@@ -169,11 +170,24 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: i
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                   use_cache=True, disable_compile=True, **sampling)
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                   **_shared_prompt_cache(model, ids, mask))
         for row in generated[:, ids.shape[1]:].tolist():
             cut = next((j for j, t in enumerate(row) if t in eos_ids), None)
             out.append(row if cut is None else row[: cut + 1])
     return out
+
+
+def _shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """generate() keyword arguments that hand it the KV cache of every prompt but its last token, each distinct
+    prompt prefilled once (a group's num_generations rows share it; `shared_prompts.py`); {} when nothing repeats.
+    generate() then runs only the last prompt column and samples exactly as without the cache."""
+    name = shared_prompts.cache_kwarg(model.prepare_inputs_for_generation)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if name is None or decoder is None or decoder is model or ids.shape[1] < 2 or not mask[:, :-1].any(1).all():
+        return {}
+    shared = shared_prompts.shared_prefill(decoder, ids[:, :-1], mask[:, :-1])
+    return {} if shared is None else {name: shared[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

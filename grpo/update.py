@@ -31,6 +31,8 @@ import torch
 
 from grpo_kernels.options import CLIPPED_LOSS_TYPES
 
+from . import shared_prompts
+
 GLOBAL_NORM_LOSSES = ("dapo", "cispo", "vespo")  # normalized by the generation batch's token count
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
@@ -79,41 +81,30 @@ def autocast(model, enabled: bool):
 def completion_hidden(model, batch) -> torch.Tensor:
     """Last hidden states [B, C, H] at the positions that predict the completion tokens.
 
-    The num_generations completions of a prompt share it: when prompts repeat inside the batch, each distinct
-    prompt runs through the backbone once and its KV cache (still in the autograd graph) is expanded to its
-    completions, which then run on top of it. Same values and gradients as the full forward (causal attention),
-    for a fraction of the prompt compute. Without cache support, or under gradient checkpointing (which turns
-    the cache off), every row runs prompt + completion."""
+    Each distinct prompt runs through the backbone once and its completions run on its copied KV cache
+    (`shared_prompts.py`): the same values and gradients as the full forward, for a fraction of the prompt compute.
+    Without cache support, or under gradient checkpointing (which turns the cache off), every row runs prompt +
+    completion."""
     decoder = backbone(model)
-    params = inspect.signature(decoder.forward).parameters
-    cache_arg = "cache" if "cache" in params else ("past_key_values" if "past_key_values" in params else None)
     ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
     mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
-    # Positions as generate() assigned them under left padding, so log-probs match the sampler's.
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
     p, c = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    if "position_ids" not in params:
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
         out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
         return _last_hidden(out)[:, p - 1 : p - 1 + c]
+    # Positions as generate() assigned them under left padding, so log-probs match the sampler's.
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
 
-    if cache_arg is not None and not _checkpointing(model):
-        key = torch.cat([batch.prompt_ids, batch.prompt_mask], dim=1)
-        distinct, row_to_prompt = torch.unique(key, dim=0, return_inverse=True)
-        if len(distinct) < len(key):
-            first = torch.full((len(distinct),), len(key), dtype=torch.long, device=key.device)
-            first.scatter_reduce_(0, row_to_prompt, torch.arange(len(key), device=key.device), reduce="amin")
-            p_mask = batch.prompt_mask[first]
-            out = decoder(input_ids=batch.prompt_ids[first], attention_mask=p_mask,
-                          position_ids=(p_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
-            cache = getattr(out, cache_arg, None)
-            if cache is not None and hasattr(cache, "batch_select_indices"):
-                cache.batch_select_indices(row_to_prompt)  # one copy of the prompt's keys/values per completion
-                prompt_last = _last_hidden(out)[:, -1][row_to_prompt]  # left padding: the last column is real
-                if c == 1:
-                    return prompt_last[:, None]
-                out = decoder(input_ids=batch.completion_ids[:, :-1], attention_mask=mask[:, :-1],
-                              position_ids=positions[:, p:-1], use_cache=True, **{cache_arg: cache})
-                return torch.cat([prompt_last[:, None], _last_hidden(out)], dim=1)
+    shared = None if _checkpointing(model) else shared_prompts.shared_prefill(decoder, batch.prompt_ids,
+                                                                               batch.prompt_mask)
+    if shared is not None:
+        cache, prompt_last = shared
+        if c == 1:
+            return prompt_last[:, None]
+        out = decoder(input_ids=batch.completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                      position_ids=positions[:, p:-1], use_cache=True,
+                      **{shared_prompts.cache_kwarg(decoder.forward): cache})
+        return torch.cat([prompt_last[:, None], _last_hidden(out)], dim=1)
 
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     return _last_hidden(out)[:, p - 1 : p - 1 + c]

@@ -17,8 +17,10 @@ from .metrics import LossMetrics
 from .no_autocast import no_autocast
 from .options import LossOptions
 from .sizing import size_call
-from .strategies import (ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, forward_stats, loss_parts,
-                         retry_smaller_chunks)
+from .chunk_driver import retry_smaller_chunks
+from .loss_totals import loss_parts
+from .strategies import ChunkedGRPOLoss, FusedGRPOLoss, LinearLogprobs, forward_stats
+from .torch_ops import acc_dtype
 
 Tensor = torch.Tensor
 
@@ -47,10 +49,6 @@ def _on_device_of(arg: str):
 def _hidden_grad_rows(hidden: Tensor, rows: int) -> int:
     """Rows of the d_hidden buffer a call holds (sizing counts it): all of them when hidden needs a gradient."""
     return rows if torch.is_grad_enabled() and hidden.requires_grad else 0
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @_on_device_of("hidden")
@@ -169,7 +167,7 @@ def grpo_loss(per_token_logps: Tensor, attention_mask: Tensor, advantages: Tenso
     mask, adv, old, ref, rho, num_items = _check_grpo_inputs(logp, attention_mask, advantages, old_per_token_logps,
                                                              ref_per_token_logps, vllm_is_ratio, num_items_in_batch,
                                                              logp.device, token_loss_mask, opts.loss_type)
-    acc = _acc_dtype(logp.dtype)
+    acc = acc_dtype(logp.dtype)
     kl_on = opts.beta != 0.0 and ref is not None
     plan = make_plan(torch.zeros_like(logp, dtype=torch.long), mask, adv, old, ref, rho, num_items,
                      opts.replace(compute_entropy=False), kl_on, acc)
@@ -232,7 +230,7 @@ def _fused_linear_grpo_loss(opts: LossOptions, hidden, weight, selected_token_id
     ids = checks.check_targets("selected_token_ids", ids, V, mask, False)  # range: in make_plan's one sync
     backend = resolve_backend(opts.backend, hidden.device, hidden.dtype)
     ops = get_ops(backend)
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     kl_on = opts.beta != 0.0 and (ref is not None or ref_from_model)
     plan = make_plan(ids, mask, adv, old, ref, rho, num_items, opts, kl_on, acc, vocab=V if opts.validate else None)
     # Sized by the rows the GEMMs actually see: the active rows, or the skipped rows' entropy pass when it is larger

@@ -4,8 +4,8 @@ Memory on a GPU = driver free + what PyTorch's cache holds unused, less its inac
 contiguous block); the chunked strategy counts its chunk buffer (row stride round_up(V, 16)), d_hidden, and dW with
 its cast copy. Chunk rows fill USABLE_FRACTION of that, at most CHUNK_CAP_BYTES of buffer and never under
 CHUNK_FLOOR rows (below the floor: OutOfMemoryError saying what was needed; an OOM in the first chunk halves the
-rows and retries, `strategies.retry_smaller_chunks`). strategy="auto" depends only on shapes, dtype, gradient needs,
-backend and the device's *total* memory, so a training loop gets the same strategy on every step. The rules and
+rows and retries, `chunk_driver.retry_smaller_chunks`). strategy="auto" depends only on shapes, dtype, gradient
+needs, backend and the device's *total* memory, so a training loop gets the same strategy on every step. The rules and
 why chunked is preferred whenever it fits (the cost models): docs/design.md, "Sizing" and "Strategies and cost
 models". GRPO_KERNELS_DEBUG=1 (or DEBUG on the "grpo_kernels" logger) logs each call's choice and why.
 """

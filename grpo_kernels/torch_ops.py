@@ -44,7 +44,8 @@ def _vocab_tile(rows: int, vocab: int) -> int:
     return int(min(vocab, max(128, TILE_ELEMENTS // max(rows, 1))))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every path: fp64 for fp64 inputs, else fp32 (logits, lse, log-probs, g_t, sums)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -216,7 +217,7 @@ def empty_rows(rows: int, vocab: int, dtype: torch.dtype, device) -> Tensor:
 def linear_fp32(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """h @ weight.T + bias as a new fp32 (fp64 for fp64 inputs) [M, V] tensor with aligned rows (row stride
     row_stride(V)): the chunk's logits buffer."""
-    out = empty_rows(h.shape[0], weight.shape[0], _acc_dtype(h.dtype), h.device)
+    out = empty_rows(h.shape[0], weight.shape[0], acc_dtype(h.dtype), h.device)
     gemm_into(out, h, weight.T)
     if bias is not None:
         out.add_(bias)
@@ -227,7 +228,7 @@ def linear_fp32(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
     """logits / T in the accumulation dtype (no copy for fp32 logits at T = 1)."""
-    z = logits.to(_acc_dtype(logits.dtype))
+    z = logits.to(acc_dtype(logits.dtype))
     return z if temperature == 1.0 else z * (1.0 / temperature)
 
 
@@ -267,6 +268,26 @@ def pack_rows_(buf: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def logits_grad_(buf: Tensor, cols: Tensor, grad: Tensor, temperature: float, entropy: Optional[Tensor] = None,
+                 grad_entropy: Optional[Tensor] = None, owned: Optional[Tensor] = None) -> Tensor:
+    """The one dL/dz rule of the PyTorch paths, in place over buf's columns of the vocabulary:
+    buf <- dL/d(W h + b) = [g (1[v = y] - p_v) - e p_v (log p_v + H)] / T, p the softmax over the whole vocabulary.
+
+    buf holds p_v, or log p_v when grad_entropy (e) is given (the e-term needs both: p is then one transient
+    buffer); g = grad, H = entropy. The one-hot adds g / T at column cols[i] of row i, only on the rows where
+    `owned` is True (the target lies among buf's columns: a vocabulary tile or shard), on every row when None."""
+    scale = (grad.to(buf.dtype) / temperature).unsqueeze(1)
+    if grad_entropy is None:
+        buf.mul_(-scale)
+    else:  # -p (g + e (log p + H)) / T, built in the log p buffer
+        p = torch.exp(buf)
+        e = (grad_entropy.to(buf.dtype) / temperature).unsqueeze(1)
+        buf.add_(entropy.to(buf.dtype).unsqueeze(1)).mul_(e).add_(scale).mul_(p).neg_()
+        del p
+    one_hot = scale if owned is None else torch.where(owned.unsqueeze(1), scale, torch.zeros_like(scale))
+    return buf.scatter_add_(1, cols.long().unsqueeze(1), one_hot)
+
+
 def chunk_dlogits_(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, temperature: float,
                    entropy: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -278,20 +299,14 @@ def chunk_dlogits_(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, t
     step is in place; the entropy term needs one temporary of the chunk's size."""
     if native.chunk_dlogits_(logits, targets, lse, grad, temperature, entropy, grad_entropy, out_dtype) is not None:
         return logits  # the C++ epilogue (CPU fp32/fp64, in place); None: not applicable
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     p = logits if logits.dtype == acc else logits.to(acc)
     if temperature != 1.0:
         p.mul_(1.0 / temperature)
-    scale = (grad.to(acc) / temperature).unsqueeze(1)
     p.sub_(lse.to(acc).unsqueeze(1))  # log p
     if grad_entropy is None:
-        p.exp_().mul_(-scale)
-    else:
-        e = (grad_entropy.to(acc) / temperature).unsqueeze(1)
-        prob = p.exp()
-        p.add_(entropy.to(acc).unsqueeze(1)).mul_(e).add_(scale).mul_(prob).neg_()  # -p (g + e (log p + H)) / T
-        del prob
-    p.scatter_add_(1, targets.long().unsqueeze(1), scale)
+        p.exp_()
+    logits_grad_(p, targets, grad, temperature, entropy, grad_entropy)
     if p is not logits:
         logits.copy_(p)
     if out_dtype is not None and out_dtype != logits.dtype:
@@ -311,7 +326,7 @@ def fused_linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     The entropy sum is kept relative to the running max (a = sum_v e^{z_v - m} (z_v - m)), which avoids the
     cancellation of lse - E_p[z] for |z| ~ 1e3: entropy = log s - a / s."""
     M, V = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     tgt = targets.long()
     run_max = torch.full((M,), float("-inf"), dtype=acc, device=hidden.device)
     run_sum = torch.zeros(M, dtype=acc, device=hidden.device)
@@ -349,7 +364,7 @@ def fused_linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     fp32."""
     M, H = hidden.shape
     V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     d_hidden = torch.zeros(M, H, dtype=acc, device=hidden.device) if need_hidden else None
     d_weight = torch.zeros(V, H, dtype=acc, device=hidden.device) if need_weight else None
     d_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_bias else None
@@ -359,19 +374,11 @@ def fused_linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         z = _logits_tile(hidden, weight, bias, v0, v1)
         local = targets.long() - v0
         in_tile = (local >= 0) & (local < v1 - v0)
-        # chunk_dlogits_ with a tile's columns: the one-hot lands only on rows whose target is in the tile
-        tile_grad = grad.to(acc)
-        dz = z
-        dz.mul_(1.0 / temperature).sub_(lse.to(acc).unsqueeze(1))
-        scale = (tile_grad / temperature).unsqueeze(1)
+        dz = z.mul_(1.0 / temperature).sub_(lse.to(acc).unsqueeze(1))  # log p over the tile's columns
         if grad_entropy is None:
-            dz.exp_().mul_(-scale)
-        else:
-            prob = dz.exp()
-            dz.add_(entropy.to(acc).unsqueeze(1)).mul_((grad_entropy.to(acc) / temperature).unsqueeze(1))
-            dz.add_(scale).mul_(prob).neg_()
-            del prob
-        dz.scatter_add_(1, torch.where(in_tile, local, 0).unsqueeze(1), (scale * in_tile.unsqueeze(1)))
+            dz.exp_()
+        # the one-hot lands only on rows whose target is in the tile
+        logits_grad_(dz, local.clamp(0, v1 - v0 - 1), grad, temperature, entropy, grad_entropy, owned=in_tile)
         if need_bias:
             d_bias[v0:v1] += dz.sum(0)
         op = dz.to(hidden.dtype)

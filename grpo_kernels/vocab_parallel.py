@@ -3,7 +3,8 @@ head's rows (rank order, shards may differ in size), as in Megatron / verl tenso
 
 A rank forms only its shard's logits; per chunk of c tokens one MAX all-reduce of c floats and one SUM of 2c (3c
 with entropy) give the global lse, logp and entropy, so dW and db rows stay local and dH is one SUM all-reduce of
-N x H fp32 per call. The math and traffic: docs/design.md, "Vocab-parallel combine". PyTorch ops on the local
+N x H fp32 per call. The math and traffic: docs/design.md, "Vocab-parallel combine". The chunk loops are the
+chunked strategy's (`chunk_driver`); `VocabShard` holds what a shard does differently. PyTorch ops on the local
 shard whatever the device (the Triton epilogues assume the whole vocabulary); chunk rows come from
 `grpo_kernels.sizing`, the smallest over the ranks.
 The returned dH is the full gradient on every rank: do not all-reduce it again (e.g. Megatron's
@@ -21,15 +22,13 @@ import torch.distributed as dist
 
 from . import inputs as checks
 from . import torch_ops
+from .chunk_driver import ChunkDriver
 from .plan import make_plan
-from .loss_math import token_loss_and_grad
 from .no_autocast import no_autocast
 from .metrics import LossMetrics
 from .options import LossOptions
 from .sizing import size_call
-from .strategies import (_finish_metrics, _Grads, _needs, _operand_dtype, _skipped_entropy, _Totals,
-                         forward_stats, scaled_saved_grads, scatter_rows)
-from .torch_ops import _acc_dtype
+from .torch_ops import acc_dtype
 
 Tensor = torch.Tensor
 
@@ -122,7 +121,7 @@ def agreed_chunk_rows(shard: Shard, what: str, chunk_size: Optional[int], num_ro
     all-reduce; a given chunk_size goes through it too). A rank where even the 1024-row floor does not fit sends
     0, and every rank raises torch.cuda.OutOfMemoryError instead of one rank leaving the others in a collective."""
     try:
-        rows, oom = size_call(what, "chunked", chunk_size, num_rows, shard.size, h.shape[1], _acc_dtype(h.dtype),
+        rows, oom = size_call(what, "chunked", chunk_size, num_rows, shard.size, h.shape[1], acc_dtype(h.dtype),
                               h.device, True, weight_grad).chunk_size, None
     except torch.cuda.OutOfMemoryError as e:  # sizing's advice to pass strategy='fused' does not apply here
         rows = 0
@@ -141,14 +140,6 @@ def agreed_chunk_rows(shard: Shard, what: str, chunk_size: Optional[int], num_ro
 
 
 # --------------------------------------------------------------------------------------- per-chunk pieces
-
-def _shard_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
-    """z = (h W_r^T + b_r) / tau in fp32 (fp64 for fp64 inputs): never rounded to 16 bits."""
-    z = torch_ops.linear_fp32(h, weight, bias)
-    if temperature != 1.0:
-        z.mul_(1.0 / temperature)
-    return z
-
 
 def _local_targets(targets: Tensor, shard: Shard):
     """Target column in this shard (clamped into range) and whether this rank owns the target."""
@@ -177,87 +168,45 @@ def _stats(z: Tensor, targets: Tensor, shard: Shard, with_entropy: bool):
     return m + log_s, packed[1] - log_s, entropy, p
 
 
-def _dlogits_(buf: Tensor, targets: Tensor, shard: Shard, grad: Tensor, temperature: float,
-              entropy: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None) -> Tensor:
-    """In place on buf, this shard's columns of dL/d(W h + b) = [g (1[v = y] - p_v) - e p_v (log p_v + H)] / tau
-    (p the global softmax, H the entropy): buf holds p_v, or log p_v when grad_entropy (e) is given (the e-term
-    needs both; p is then one transient buffer). The one-hot lands only on the rows whose target this rank owns."""
-    scale = (grad.to(buf.dtype) / temperature).unsqueeze(1)
-    if grad_entropy is None:
-        buf.mul_(-scale)
-    else:  # -p (g + e (log p + H)) / tau, built in the log p buffer
-        p = torch.exp(buf)
-        e = (grad_entropy.to(buf.dtype) / temperature).unsqueeze(1)
-        buf.add_(entropy.to(buf.dtype).unsqueeze(1)).mul_(e).add_(scale).mul_(p).neg_()
-        del p
-    col, owned = _local_targets(targets, shard)
-    buf.scatter_add_(1, col.unsqueeze(1), torch.where(owned.unsqueeze(1), scale, torch.zeros_like(scale)))
-    return buf
+class VocabShard:
+    """Shard ops of the chunk driver (`chunk_driver`) for this rank's shard of the vocabulary: statistics over the
+    whole vocabulary from the shard's logits (collectives inside: every rank makes the same calls), the one-hot
+    of dL/dlogits only on the rank that owns the target, dH partial sums in fp32 all-reduced once per call. The
+    chunk's buffer after `stats` is this shard's p (its logits are dropped); recomputed, p, or log p when the
+    entropy has a gradient. PyTorch ops whatever the device (the Triton epilogues assume the whole vocabulary)."""
 
-
-class _ShardOps:
-    """The `ops.chunk_stats` that `strategies.forward_stats` / `_skipped_entropy` call, over the whole vocabulary
-    from this rank's shard of logits (collectives inside: every rank makes the same calls)."""
+    ops = torch_ops
 
     def __init__(self, shard: Shard):
         self.shard = shard
 
-    def chunk_stats(self, logits: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
-        if temperature != 1.0:  # logits is the chunk's own fp32 buffer (strategies._logits)
+    def stats(self, logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool):
+        if temperature != 1.0:  # logits is the chunk's own fp32 buffer
             logits.mul_(1.0 / temperature)
-        lse, logp, entropy, _ = _stats(logits, targets, self.shard, return_entropy)
-        return lse, logp, entropy
+        return _stats(logits, targets, self.shard, with_entropy)
+
+    def grad_buffer(self, logits: Tensor, lse: Tensor, temperature: float, entropy_grad: bool) -> Tensor:
+        if temperature != 1.0:
+            logits.mul_(1.0 / temperature)
+        logits.sub_(lse.unsqueeze(1))  # log p_v
+        return logits if entropy_grad else logits.exp_()
+
+    def dlogits_(self, buf: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, temperature: float,
+                 out_dtype: Optional[torch.dtype], entropy: Optional[Tensor] = None,
+                 grad_entropy: Optional[Tensor] = None) -> Tensor:
+        col, owned = _local_targets(targets, self.shard)
+        torch_ops.logits_grad_(buf, col, grad, temperature, entropy, grad_entropy, owned=owned)
+        return buf if out_dtype is None else torch_ops.pack_rows_(buf, out_dtype)
+
+    def hidden_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return acc_dtype(dtype)  # partial sums over this shard's vocabulary
+
+    def reduce_hidden_(self, d_rows: Tensor) -> None:
+        dist.all_reduce(d_rows, op=dist.ReduceOp.SUM, group=self.shard.group)
 
 
-def _forward_stats(h, weight, bias, targets, temperature, with_entropy, shard, chunk):
-    """lse, logp and entropy of every row of h, without gradients (log-probs forward, reference log-probs)."""
-    return forward_stats(h, weight, bias, targets, temperature, with_entropy, "chunked", _ShardOps(shard), chunk)
-
-
-class _ShardGrads:
-    """dH rows: partial sums over this shard's vocabulary in fp32 (written per chunk with gemm_into, all-reduced
-    once at the end, then cast); dW and db rows of this shard: the chunked strategy's `_Grads` (fp32 accumulated in
-    place across chunks, one cast at the end). dL/dlogits is a GEMM operand in the input's 16-bit dtype, rounded
-    over the first half of each row of its own fp32 buffer (`torch_ops.pack_rows_`: no second buffer)."""
-
-    def __init__(self, rows: int, h: Tensor, weight: Tensor, needs: tuple, single_chunk: bool):
-        self.d_rows = h.new_zeros(rows, h.shape[1], dtype=_acc_dtype(h.dtype)) if needs[0] else None
-        self.local_needs = (False, needs[1], needs[2])
-        self.local = _Grads.make(rows, h, weight, self.local_needs, single_chunk)
-        self.op_dtype = _operand_dtype(h.dtype)
-
-    def add(self, dz: Tensor, s: int, e: int, h_chunk: Tensor, weight: Tensor) -> None:
-        op = dz if self.op_dtype is None else torch_ops.pack_rows_(dz, self.op_dtype)
-        if self.d_rows is not None:
-            torch_ops.gemm_into(self.d_rows[s:e], op, weight)
-        self.local.add(op, None, h_chunk, weight, self.local_needs)
-
-    def finish(self, shard: Shard, h: Tensor, weight: Tensor, bias: Optional[Tensor]):
-        d_rows = self.d_rows
-        if d_rows is not None:
-            dist.all_reduce(d_rows, op=dist.ReduceOp.SUM, group=shard.group)
-            d_rows = d_rows.to(h.dtype)
-        _, dw, db = self.local.finish(weight, bias, self.local_needs)
-        return d_rows, dw, db
-
-
-def _recomputed_grads(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, g: Tensor,
-                      temperature: float, shard: Shard, chunk: int, needs: tuple, entropy: Optional[Tensor] = None,
-                      grad_entropy: Optional[Tensor] = None):
-    """Gradients w.r.t. (h, weight, bias) of sum_i g_i logp_i (+ e_i entropy_i), this shard's logits recomputed
-    chunk by chunk from the saved global lse (and entropy): no communication per chunk, dH all-reduced once."""
-    M = h.shape[0]
-    grads = _ShardGrads(M, h, weight, needs, single_chunk=M <= chunk)
-    for s in range(0, M, chunk):
-        e = min(M, s + chunk)
-        buf = _shard_logits(h[s:e], weight, bias, temperature).sub_(lse[s:e].unsqueeze(1))  # log p_v
-        if grad_entropy is None:
-            dz = _dlogits_(buf.exp_(), targets[s:e], shard, g[s:e], temperature)
-        else:
-            dz = _dlogits_(buf, targets[s:e], shard, g[s:e], temperature, entropy[s:e], grad_entropy[s:e])
-        grads.add(dz, s, e, h[s:e], weight)
-        del buf, dz
-    return grads.finish(shard, h, weight, bias)
+def _driver(shard: Shard, chunk: int) -> ChunkDriver:
+    return ChunkDriver(VocabShard(shard), chunk)
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
@@ -270,10 +219,10 @@ class VocabParallelLogprobs(torch.autograd.Function):
     @no_autocast
     def forward(ctx, h2d, weight, bias, targets, temperature: float, return_entropy: bool, shard: Shard,
                 chunk: int):
-        lse, logp, ent = _forward_stats(h2d, weight, bias, targets, temperature, return_entropy, shard, chunk)
+        lse, logp, ent = _driver(shard, chunk).stats(h2d, weight, bias, targets, temperature, return_entropy)
         ctx.save_for_backward(h2d, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.shard, ctx.chunk = temperature, shard, chunk
-        out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+        out_dtype = acc_dtype(logp.dtype)
         return logp.to(out_dtype), None if ent is None else ent.to(out_dtype)
 
     @staticmethod
@@ -286,8 +235,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         g = grad_logp.to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
         e_grad = None if grad_entropy is None or ent is None else grad_entropy.to(lse.dtype)
-        dh, dw, db = _recomputed_grads(h2d, weight, bias, targets, lse, g, ctx.temperature, ctx.shard, ctx.chunk,
-                                       needs, ent, e_grad)
+        dh, dw, db = _driver(ctx.shard, ctx.chunk).grads(h2d, weight, bias, targets, lse, g, ctx.temperature, needs,
+                                                         ent, e_grad)
         return dh, dw, db, None, None, None, None, None
 
 
@@ -327,57 +276,12 @@ class VocabParallelGRPOLoss(torch.autograd.Function):
     @no_autocast
     def forward(ctx, h2d, weight, bias, plan, opts: LossOptions, shard: Shard, chunk: int, kl_on: bool,
                 grad_on: bool):
-        needs = _needs(ctx, bias, grad_on)
-        need_grad = any(needs)
-        defer = need_grad and h2d.dtype == torch.float16
-        acc = _acc_dtype(h2d.dtype)
-        totals = _Totals.zeros(h2d.device, acc)
-        chunks = plan.chunks(chunk, opts.needs_whole_sequences)
-        grads = None if defer else _ShardGrads(plan.num_rows, h2d, weight, needs, single_chunk=len(chunks) <= 1)
-        if defer:  # per row of plan.rows: what the backward needs to rebuild dL/dlogits
-            lse_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
-            g_rows = torch.empty(plan.num_rows, dtype=acc, device=h2d.device)
-        for start, end in chunks:
-            idx = plan.rows[start:end]
-            h_chunk = h2d.index_select(0, idx)
-            targets = plan.targets.index_select(0, idx)
-            z = _shard_logits(h_chunk, weight, bias, opts.temperature)
-            lse, logp, ent, p = _stats(z, targets, shard, opts.compute_entropy)
-            del z
-            parts = token_loss_and_grad(logp, plan.terms(start, end), opts, need_grad)
-            totals.add(parts)
-            if ent is not None:
-                totals.entropy += (plan.mask.index_select(0, idx).to(acc) * ent).sum()
-            if defer:
-                lse_rows[start:end], g_rows[start:end] = lse, parts.grad
-            elif need_grad:
-                grads.add(_dlogits_(p, targets, shard, parts.grad, opts.temperature), start, end, h_chunk, weight)
-            del p
-        skipped = _skipped_entropy(h2d, weight, bias, plan, opts, "chunked", _ShardOps(shard), chunk)
-        if skipped is not None:  # masked-in tokens skipped above still count in the entropy
-            totals.entropy += skipped
-        ctx.defer = defer
-        if defer:
-            ctx.save_for_backward(h2d, weight, bias, lse_rows, g_rows)
-            ctx.plan, ctx.needs, ctx.shard, ctx.chunk, ctx.temperature = plan, needs, shard, chunk, opts.temperature
-        else:
-            d_rows, d_weight, d_bias = grads.finish(shard, h2d, weight, bias)
-            ctx.save_for_backward(scatter_rows(d_rows, plan, h2d), d_weight, d_bias)
-        out = _finish_metrics(totals, plan, opts, kl_on)
-        ctx.mark_non_differentiable(*[x for x in out[1:] if x is not None])
-        return out
+        return _driver(shard, chunk).loss_forward(ctx, h2d, weight, bias, plan, opts, kl_on, grad_on)
 
     @staticmethod
     @no_autocast
     def backward(ctx, grad_loss, *unused):
-        if not ctx.defer:
-            return (*scaled_saved_grads(ctx.saved_tensors, grad_loss), None, None, None, None, None, None)
-        h2d, weight, bias, lse_rows, g_rows = ctx.saved_tensors
-        plan = ctx.plan
-        d_rows, d_weight, d_bias = _recomputed_grads(
-            h2d.index_select(0, plan.rows), weight, bias, plan.targets.index_select(0, plan.rows), lse_rows,
-            g_rows * grad_loss.to(g_rows.dtype), ctx.temperature, ctx.shard, ctx.chunk, ctx.needs)
-        return scatter_rows(d_rows, plan, h2d), d_weight, d_bias, None, None, None, None, None, None
+        return (*ChunkDriver.loss_backward(ctx, grad_loss), None, None, None, None, None, None)
 
 
 def fused_linear_grpo_loss(opts: LossOptions, process_group, hidden, weight, bias, ids, mask, adv, old, ref, rho,
@@ -396,7 +300,7 @@ def fused_linear_grpo_loss(opts: LossOptions, process_group, hidden, weight, bia
                                   "vllm_is_ratio": rho,
                                   "ref_input": None if ref_input is None else ref_input.reshape(-1, H)})
     ids = checks.check_targets("selected_token_ids", ids, shard.vocab, mask, opts.validate)
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     kl_on = opts.beta != 0.0 and (ref is not None or ref_input is not None)
     plan = make_plan(ids, mask, adv, old, ref, rho, num_items, opts, kl_on, acc)  # the same on every rank
     # sized by the rows the GEMMs see: the active rows, or the skipped rows' entropy pass when it is larger
@@ -406,8 +310,9 @@ def fused_linear_grpo_loss(opts: LossOptions, process_group, hidden, weight, bia
     if ref_input is not None:  # reference log-probs of the tokens that need them, without grad
         with torch.no_grad():
             ref_h = ref_input.reshape(-1, H).index_select(0, plan.rows)
-            _, ref_rows, _ = _forward_stats(ref_h, ref_weight, ref_bias, plan.targets.index_select(0, plan.rows),
-                                            opts.temperature, False, shard, chunk)
+            _, ref_rows, _ = _driver(shard, chunk).stats(ref_h, ref_weight, ref_bias,
+                                                         plan.targets.index_select(0, plan.rows), opts.temperature,
+                                                         False)
         plan.ref = torch.zeros_like(plan.mask).index_copy_(0, plan.rows, ref_rows.to(plan.mask.dtype))
     loss, kl, clip, low, high, entropy = VocabParallelGRPOLoss.apply(h2d, weight, bias, plan, opts, shard, chunk,
                                                                      kl_on, torch.is_grad_enabled())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import grpo_kernels as gk
-from grpo_kernels import strategies
+from grpo_kernels import chunk_driver, loss_totals, strategies
 
 
 def _inputs(B=3, T=5, H=16, V=29, seed=0):
@@ -18,14 +18,15 @@ def _inputs(B=3, T=5, H=16, V=29, seed=0):
 @pytest.mark.parametrize("strategy", ["chunked", "fused"])
 def test_no_grad_forward_does_no_gradient_work(strategy, monkeypatch):
     calls = []
-    real = strategies.loss_parts
+    real = loss_totals.loss_parts
 
     def spy(ops, logp, terms, opts, need_grad):
         calls.append(need_grad)
         return real(ops, logp, terms, opts, need_grad)
 
-    monkeypatch.setattr(strategies, "loss_parts", spy)
-    monkeypatch.setattr(strategies._Grads, "add", lambda *a, **k: calls.append(True))
+    for module in (chunk_driver, strategies):  # the chunked and the fused strategy's callers
+        monkeypatch.setattr(module, "loss_parts", spy)
+    monkeypatch.setattr(chunk_driver.Grads, "add", lambda *a, **k: calls.append(True))
     h, W, ids, mask, adv = _inputs()
     with torch.no_grad():
         loss, _ = gk.fused_linear_grpo_loss(h, W, ids, mask, adv, strategy=strategy, backend="torch", chunk_size=4)

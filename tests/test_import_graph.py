@@ -133,3 +133,20 @@ def test_package_is_cycle_free(package):
     graph = import_graph()
     bad = [describe(c, graph) for c in cycles(graph) if any(m.split(".")[0] == package for m in c)]
     assert not bad, f"import cycles in {package}: " + " | ".join(bad)
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from <project module> import _name` in `path`: a reach-in past another module's public names."""
+    known = {module_name(p) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in PACKAGES):
+            found += [f"{'.' * node.level}{node.module or ''}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and a.name != "__future__" and f"{node.module}.{a.name}" not in known]
+    return found
+
+
+@pytest.mark.parametrize("module", ["strategies", "chunk_driver", "loss_totals", "vocab_parallel", "torch_ops"])
+def test_loss_drivers_import_no_private_names(module):
+    """The chunked strategy and the vocab-parallel path share public names (chunk_driver, loss_totals)."""
+    assert private_imports(ROOT / "grpo_kernels" / f"{module}.py") == []

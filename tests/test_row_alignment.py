@@ -10,7 +10,7 @@ import torch
 import oracle
 from conftest import TOL, compare_bf16_run, compare_run
 
-from grpo_kernels import strategies, torch_ops
+from grpo_kernels import chunk_driver, torch_ops
 from grpo_kernels.kernels import chunk_dlogits_ as triton_dlogits
 
 V = 1001
@@ -52,8 +52,9 @@ def test_packed_view_keeps_the_aligned_stride(ops):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_odd_vocab_loss_matches_float64_with_aligned_buffers(dtype, backend, monkeypatch):
     strides = []
-    real = strategies._logits
-    monkeypatch.setattr(strategies, "_logits", lambda h, w, b: strides.append(real(h, w, b).stride()) or real(h, w, b))
+    real = chunk_driver.chunk_logits
+    monkeypatch.setattr(chunk_driver, "chunk_logits",
+                        lambda h, w, b: strides.append(real(h, w, b).stride()) or real(h, w, b))
     p = oracle.make_problem(B=2, T=5, H=16, V=V, seed=3, dtype=dtype, bias=True, ref="given")
     opts = dict(loss_type="dapo", beta=0.04)
     run = dict(strategy="chunked", backend=backend, chunk_size=4, compute_entropy=True)

@@ -15,7 +15,7 @@ import oracle
 from conftest import rel_err
 
 import grpo_kernels as gk
-from grpo_kernels import plan, sizing, strategies
+from grpo_kernels import chunk_driver, plan, sizing
 
 GIB = 1 << 30
 CUDA0 = torch.device("cuda", 0)  # never touched: the memory queries below are patched
@@ -336,12 +336,12 @@ def test_num_items_tensor_equals_number():
 
 def _gemm_rows(monkeypatch):
     rows = []
-    real = strategies._logits
+    real = chunk_driver.chunk_logits
 
     def logits(h, weight, bias):
         rows.append(h.shape[0])
         return real(h, weight, bias)
-    monkeypatch.setattr(strategies, "_logits", logits)
+    monkeypatch.setattr(chunk_driver, "chunk_logits", logits)
     return rows
 
 
@@ -425,12 +425,12 @@ def test_chunk_buffer_rows_are_counted_at_their_aligned_stride():
 
 
 class _FakeOOM:
-    """Patches strategies._logits to raise OutOfMemoryError for chunks of more than `limit` rows, as a colocated
-    process that took memory after sizing would."""
+    """Patches chunk_driver.chunk_logits to raise OutOfMemoryError for chunks of more than `limit` rows, as a
+    colocated process that took memory after sizing would."""
 
     def __init__(self, monkeypatch, limit):
         self.limit, self.rows = limit, []
-        real = strategies._logits
+        real = chunk_driver.chunk_logits
 
         def logits(h, w, b):
             self.rows.append(h.shape[0])
@@ -438,7 +438,7 @@ class _FakeOOM:
                 raise torch.OutOfMemoryError(f"CUDA out of memory (fake, {h.shape[0]} rows)")
             return real(h, w, b)
 
-        monkeypatch.setattr(strategies, "_logits", logits)
+        monkeypatch.setattr(chunk_driver, "chunk_logits", logits)
 
 
 def _big_problem(seed=51):
@@ -483,7 +483,7 @@ def test_first_chunk_oom_at_the_floor_raises_the_clear_error(monkeypatch):
 
 def test_no_retry_for_a_given_chunk_size_or_a_later_chunk(monkeypatch):
     p = _big_problem()
-    real = strategies._logits
+    real = chunk_driver.chunk_logits
     fake = _FakeOOM(monkeypatch, limit=100)
     with pytest.raises(torch.OutOfMemoryError, match="first chunk of 2000"):
         gk.fused_linear_grpo_loss(**p, backend="torch", strategy="chunked", chunk_size=2000)
@@ -497,7 +497,7 @@ def test_no_retry_for_a_given_chunk_size_or_a_later_chunk(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (fake, second chunk)")
         return real(h, w, b)
 
-    monkeypatch.setattr(strategies, "_logits", second_fails)
+    monkeypatch.setattr(chunk_driver, "chunk_logits", second_fails)
     with pytest.raises(torch.OutOfMemoryError, match="second chunk"):
         gk.fused_linear_grpo_loss(**p, backend="torch", strategy="chunked", chunk_size=1500)
     assert calls == [1500, 1300]

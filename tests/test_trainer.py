@@ -414,6 +414,37 @@ def test_hf_generate_cuts_after_first_eos_and_respects_budget():
         assert tok.eos_token_id not in c[:-1]
 
 
+@pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "temperature": 0.9, "top_k": 0}])
+def test_hf_generate_prefills_each_distinct_prompt_once(monkeypatch, sampling):
+    """Repeated prompts are prefilled once and their KV cache is copied to their rows: the same tokens as plain
+    generate() on every row, greedy and sampled from the same seed; a batch of distinct prompts does not share."""
+    from transformers import GenerationConfig
+
+    from grpo import shared_prompts
+
+    model, tok = load_model("tiny")
+    model.eval()
+    prefills = []
+    real = shared_prompts.shared_prefill
+    monkeypatch.setattr(shared_prompts, "shared_prefill",
+                        lambda *a: prefills.append(len(torch.unique(a[1], dim=0))) or real(*a))
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10]]
+    rows = [p for p in prompts for _ in range(3)] + [[1, 2, 3]]  # groups of 3 and a lone prompt
+    eos = rollout.eos_token_ids(model, tok)
+    torch.manual_seed(1)
+    got = rollout.hf_generate(model, tok, rows, 12, eos, sampling)
+    ids, mask = rollout.pad(rows, tok.pad_token_id, "left")
+    config = GenerationConfig(max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                              use_cache=True, disable_compile=True, **sampling)
+    torch.manual_seed(1)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:].tolist()
+    assert prefills == [4]  # one prefill of the 4 distinct prompts
+    assert [p[: len(g)] for g, p in zip(got, plain)] == got
+    rollout.hf_generate(model, tok, prompts, 4, eos, sampling)
+    assert prefills == [4, 3]  # distinct prompts: shared_prefill finds nothing to share (and returns None)
+    assert real(model.get_decoder(), *rollout.pad(prompts, tok.pad_token_id, "left")) is None
+
+
 def test_completion_logps_match_full_logits():
     """Hidden state p predicts token p+1: the completion log-probs equal log_softmax of the model's own logits."""
     model, tok = load_model("tiny")
