@@ -183,8 +183,11 @@ def _shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     prompt prefilled once (a group's num_generations rows share it; `shared_prompts.py`); {} when nothing repeats.
     generate() then runs only the last prompt column and samples exactly as without the cache."""
     name = shared_prompts.cache_kwarg(model.prepare_inputs_for_generation)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if name is None or decoder is None or decoder is model or ids.shape[1] < 2 or not mask[:, :-1].any(1).all():
+    if name is None or ids.shape[1] < 2 or not mask[:, :-1].any(1).all():  # a 1-token prompt has nothing to cache
+        return {}
+    try:
+        decoder = shared_prompts.backbone(model)
+    except TypeError:  # no separable decoder: generate() prefills every row itself
         return {}
     shared = shared_prompts.shared_prefill(decoder, ids[:, :-1], mask[:, :-1])
     return {} if shared is None else {name: shared[0]}

@@ -5,6 +5,7 @@ attention a prompt's keys and values do not depend on what follows it, so each d
 decoder once and its KV cache is copied to the rows that hold it. Generation uses this for the prompt's prefill
 (`rollout.hf_generate`); the update uses it with the cache still in the autograd graph (`update.completion_hidden`),
 so the gradients that reach the prompt positions are summed over its completions, as in the full forward.
+`backbone` and `last_hidden` find a causal LM's decoder and read its output, for both.
 """
 
 from __future__ import annotations
@@ -12,6 +13,21 @@ from __future__ import annotations
 import inspect
 
 import torch
+
+
+def backbone(model):
+    """The decoder stack below the LM head (HF causal LMs: `model.model`, `model.transformer`, ...)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if decoder is None:
+        raise TypeError(f"cannot find the backbone of {type(model).__name__} (get_decoder() returned nothing)")
+    return decoder
+
+
+def last_hidden(out) -> torch.Tensor:
+    """The last hidden states of a decoder's output (a ModelOutput or a tuple)."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -50,5 +66,4 @@ def shared_prefill(decoder, ids: torch.Tensor, mask: torch.Tensor):
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
     cache.batch_select_indices(row_to_prompt)  # one copy of each prompt's keys/values per row
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return cache, hidden[:, -1][row_to_prompt]  # left padding: the last column is a real token
+    return cache, last_hidden(out)[:, -1][row_to_prompt]  # left padding: the last column is a real token

@@ -32,6 +32,7 @@ import torch
 from grpo_kernels.options import CLIPPED_LOSS_TYPES
 
 from . import shared_prompts
+from .shared_prompts import backbone, last_hidden
 
 GLOBAL_NORM_LOSSES = ("dapo", "cispo", "vespo")  # normalized by the generation batch's token count
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
@@ -60,16 +61,6 @@ def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def backbone(model):
-    """The decoder stack below the LM head (HF causal LMs: `model.model`, `model.transformer`, ...)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or decoder is model:
-        decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if decoder is None:
-        raise TypeError(f"cannot find the backbone of {type(model).__name__} (get_decoder() returned nothing)")
-    return decoder
-
-
 def autocast(model, enabled: bool):
     """bf16 autocast around the backbone (fp32 master weights); a no-op when disabled."""
     if not enabled:
@@ -91,7 +82,7 @@ def completion_hidden(model, batch) -> torch.Tensor:
     p, c = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     if "position_ids" not in inspect.signature(decoder.forward).parameters:
         out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-        return _last_hidden(out)[:, p - 1 : p - 1 + c]
+        return last_hidden(out)[:, p - 1 : p - 1 + c]
     # Positions as generate() assigned them under left padding, so log-probs match the sampler's.
     positions = (mask.cumsum(1) - 1).clamp(min=0)
 
@@ -104,10 +95,10 @@ def completion_hidden(model, batch) -> torch.Tensor:
         out = decoder(input_ids=batch.completion_ids[:, :-1], attention_mask=mask[:, :-1],
                       position_ids=positions[:, p:-1], use_cache=True,
                       **{shared_prompts.cache_kwarg(decoder.forward): cache})
-        return torch.cat([prompt_last[:, None], _last_hidden(out)], dim=1)
+        return torch.cat([prompt_last[:, None], last_hidden(out)], dim=1)
 
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    return _last_hidden(out)[:, p - 1 : p - 1 + c]
+    return last_hidden(out)[:, p - 1 : p - 1 + c]
 
 
 def _checkpointing(model) -> bool:
@@ -115,10 +106,6 @@ def _checkpointing(model) -> bool:
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
-
-
-def _last_hidden(out) -> torch.Tensor:
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def _head_for(hidden: torch.Tensor, model):
