@@ -17,6 +17,7 @@ import torch
 
 from . import shared_prompts
 from .data import is_conversational
+from .sampler import split_sampling
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,10 +159,12 @@ def pad(seqs: list[list[int]], value: int, side: str, device=None) -> tuple[torc
 @torch.no_grad()
 def hf_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids: list[int],
                 sampling: dict, batch_size: int | None = None) -> list[list[int]]:
-    """Completion token ids per prompt: HF generate (KV cache) on left-padded batches, cut after the first EOS."""
-    from transformers import GenerationConfig
+    """Completion token ids per prompt: HF generate (KV cache) on left-padded batches, cut after the first EOS.
+    Plain temperature sampling draws by inverse CDF (`sampler.py`) instead of HF's multinomial."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
+    sampling, processors = split_sampling(sampling)
     out: list[list[int]] = []
     step = batch_size or len(prompt_ids)
     for start in range(0, len(prompt_ids), step):
@@ -171,6 +174,7 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: i
                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                   use_cache=True, disable_compile=True, **sampling)
         generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                   logits_processor=LogitsProcessorList(processors),
                                    **_shared_prompt_cache(model, ids, mask))
         for row in generated[:, ids.shape[1]:].tolist():
             cut = next((j for j, t in enumerate(row) if t in eos_ids), None)

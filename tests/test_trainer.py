@@ -418,9 +418,10 @@ def test_hf_generate_cuts_after_first_eos_and_respects_budget():
 def test_hf_generate_prefills_each_distinct_prompt_once(monkeypatch, sampling):
     """Repeated prompts are prefilled once and their KV cache is copied to their rows: the same tokens as plain
     generate() on every row, greedy and sampled from the same seed; a batch of distinct prompts does not share."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     from grpo import shared_prompts
+    from grpo.sampler import split_sampling
 
     model, tok = load_model("tiny")
     model.eval()
@@ -434,10 +435,12 @@ def test_hf_generate_prefills_each_distinct_prompt_once(monkeypatch, sampling):
     torch.manual_seed(1)
     got = rollout.hf_generate(model, tok, rows, 12, eos, sampling)
     ids, mask = rollout.pad(rows, tok.pad_token_id, "left")
+    options, processors = split_sampling(sampling)  # the same sampler as hf_generate's
     config = GenerationConfig(max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                              use_cache=True, disable_compile=True, **sampling)
+                              use_cache=True, disable_compile=True, **options)
     torch.manual_seed(1)
-    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:].tolist()
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                           logits_processor=LogitsProcessorList(processors))[:, ids.shape[1]:].tolist()
     assert prefills == [4]  # one prefill of the 4 distinct prompts
     assert [p[: len(g)] for g, p in zip(got, plain)] == got
     rollout.hf_generate(model, tok, prompts, 4, eos, sampling)
