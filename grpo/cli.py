@@ -78,7 +78,7 @@ class RunOptions:
     eval_dataset: str | None = field(default=None, metadata={
         "help": "held-out problems; None = the test split of --dataset"})
     reward_funcs: list[str] | None = field(default=None, metadata={
-        "help": "reward functions, comma-separated: gsm8k, format, math, toy, or a reward-model path"})
+        "help": "reward functions, comma-separated: gsm8k, format, equation, math, toy, or a reward-model path"})
     instruction: str | None = field(default=None, metadata={"help": "text appended to each question"})
     preset: str = field(default="default", metadata={"help": "starting values: " + " | ".join(PRESETS)})
     resume_from_checkpoint: str | None = field(default=None, metadata={

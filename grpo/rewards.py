@@ -6,6 +6,8 @@
   normaliser plus a sympy check.
 - ``format_reward``: 1.0 when the completion ends with a line ``#### <number>`` (the format our data asks for);
   ``make_format_reward`` builds tag- or regex-based variants.
+- ``equation_reward``: 1.0 when the completion writes the gold answer's equation on the gold numbers ("38 - 19 =
+  X") and answers X: partial credit for the right operation on the right numbers, whatever the result.
 
 ``None`` means "cannot be scored" (the gold answer does not parse): the trainer leaves such completions out of the
 group statistics rather than treating them as wrong. Completions may be plain strings or TRL chat lists
@@ -151,6 +153,34 @@ def gsm8k_reward(prompts, completions, answer=None, **kwargs) -> list[float | No
         rewards.append(1.0 if pred is not None and pred == gold else 0.0)
     return rewards
 
+
+
+# A worked equation "A op B = C" in a gold answer (the bundled arithmetic problems write "We subtract: 38 - 19 = 19.").
+_GOLD_EQUATION_RE = re.compile(r"(\d+)\s*([-+*/])\s*(\d+)\s*=")
+
+
+def equation_reward(prompts, completions, answer=None, **kwargs) -> list[float | None]:
+    """1.0 when the completion writes the gold answer's first equation on the gold numbers with some result
+    ("38 - 19 = X"; either order for + and *) and its final answer is that X, right or wrong; 0.0 if not; None if
+    the gold has no equation. Partial credit for choosing the right operation on the right numbers: on subtraction
+    problems it is the only signal a model that always adds gets, since its samples almost never end on the right
+    difference. Requiring the final answer to be the equation's own result keeps it from being earned by writing
+    many equations."""
+    golds = _column(answer, len(completions), "answer", "equation_reward")
+    rewards: list[float | None] = []
+    for completion, gold in zip(completions, golds):
+        m = _GOLD_EQUATION_RE.search(gold) if isinstance(gold, str) else None
+        if m is None:
+            rewards.append(None)
+            continue
+        a, op, b = m.groups()
+        orders = [(a, b), (b, a)] if op in "+*" and a != b else [(a, b)]
+        text = completion_text(completion)
+        final = extract_gsm8k_prediction(text)
+        results = [parse_number(r) for x, y in orders
+                   for r in re.findall(rf"(?<![\d.]){x}\s*{re.escape(op)}\s*{y}\s*=\s*({_NUMBER})", text)]
+        rewards.append(1.0 if final is not None and final in results else 0.0)
+    return rewards
 
 # --------------------------------------------------------------------------------------------------------------
 # Boxed answers (MATH)
@@ -578,4 +608,4 @@ def make_format_reward(
     return reward
 
 
-REWARD_FUNCS = {"gsm8k": gsm8k_reward, "math": math_reward, "format": format_reward}
+REWARD_FUNCS = {"gsm8k": gsm8k_reward, "math": math_reward, "format": format_reward, "equation": equation_reward}

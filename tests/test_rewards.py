@@ -6,6 +6,7 @@ from grpo import rewards as R
 from grpo.rewards import (
     REWARD_FUNCS,
     completion_text,
+    equation_reward,
     extract_gsm8k_gold,
     extract_gsm8k_prediction,
     find_boxed,
@@ -225,6 +226,35 @@ def test_math_reward_uses_math_verify_when_available(monkeypatch):
     assert calls == [None, None, None]  # signal-based timeouts switched off
 
 
+# --- equation ------------------------------------------------------------------------------------------------
+
+def test_equation_reward_credits_the_gold_equation_when_the_answer_is_its_result():
+    sub = "We subtract: 38 - 19 = 19.\n#### 19"
+    completions = [
+        "So 38 - 19 = 20.",  # the right equation with a wrong result still earns it
+        "38-19=18, so 18 pencils are left",
+        chat("She needs 38 - 19 = 19 more.\n#### 19"),
+        "38 - 19 = 20, and then 38 - 19 = 30 more",  # the final answer is one of its equations' results
+        "38 - 19 = $1,200.5 in all\n#### 1200.5",
+        "38 - 19 = 20 + 5 = 25",  # the final answer is not the equation's result
+        "38 - 19 = 19 pencils. 19 + 19 = 38",  # ... nor here
+        "19 - 38 = -19",  # operands swapped: not commutative
+        "38 + 19 = 57",  # the wrong operation
+        "138 - 19 = 119",  # other numbers that contain the gold ones
+        "38 - 190 = -152",
+        "38 - 19",  # no result
+        "#### 19",  # the right answer without the equation
+    ]
+    assert equation_reward(None, completions, answer=[sub] * len(completions)) == [1] * 5 + [0] * 8
+
+
+def test_equation_reward_either_order_for_commutative_operations_and_none_without_a_gold_equation():
+    add = "We add: 38 + 19 = 57.\n#### 57"
+    assert equation_reward(None, ["19 + 38 = 57", "38 +19= 50", "57"], answer=[add] * 3) == [1.0, 1.0, 0.0]
+    assert equation_reward(None, ["6 * 7 = 42", "7*6=41", "6 + 7 = 13"], answer=["6 * 7 = 42\n#### 42"] * 3) == [1, 1, 0]
+    assert equation_reward(None, ["72", "1 + 1 = 2"], answer=["#### 72", None]) == [None, None]
+
+
 # --- format --------------------------------------------------------------------------------------------------
 
 def test_format_reward():
@@ -282,4 +312,5 @@ def test_completion_text_forms():
 
 
 def test_registry():
-    assert REWARD_FUNCS == {"gsm8k": gsm8k_reward, "math": math_reward, "format": format_reward}
+    assert REWARD_FUNCS == {"gsm8k": gsm8k_reward, "math": math_reward, "format": format_reward,
+                            "equation": equation_reward}
