@@ -26,7 +26,7 @@ COMMON = dict(loss_type="dapo", learning_rate=1e-2, adam_epsilon=1e-3, beta=0.05
 COMPARED = ("loss", "grad_norm", "reward", "reward_std", "num_tokens", "completions/mean_length")
 
 
-def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False, evaluate=False):
+def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False, evaluate=False, sigterm_at=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -36,8 +36,17 @@ def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False, 
         trainer = test_lora.make_lora_trainer(out_dir, fsdp="full_shard", **overrides)
     else:
         trainer = tt.make_trainer(out_dir, fsdp="full_shard", **overrides)  # built after WORLD_SIZE is set
+    if sigterm_at is not None and rank == world - 1:  # only the last rank is signalled, as one killed pod would be
+        import signal
+
+        import test_faults
+
+        trainer.reward_funcs = [test_faults._signalling_reward({sigterm_at: [signal.SIGTERM]})]
     try:
         trainer.train(resume_from_checkpoint=resume)
+        if sigterm_at is not None:
+            with open(f"{out_dir}/rank{rank}.json", "w") as f:
+                json.dump({"step": trainer.step, "stopped_by_signal": trainer.stopped_by_signal}, f)
         if evaluate:  # 3 problems over 2 ranks: shares of 2 and 1, so the ranks decode different batches
             trainer.generate_fn = rollout.hf_generate  # real greedy decoding through the sharded model
             metrics = trainer.evaluate(tt.toy_rows(3))
@@ -48,9 +57,10 @@ def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False, 
         distributed.destroy(trainer.dist)
 
 
-def _spawn(world, out_dir, resume=None, use_lora=False, evaluate=False, **extra):
+def _spawn(world, out_dir, resume=None, use_lora=False, evaluate=False, sigterm_at=None, **extra):
     overrides = dict(COMMON, per_device_train_batch_size=8 // (world * COMMON["steps_per_generation"]), **extra)
-    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out_dir), overrides, resume, use_lora, evaluate),
+    mp.spawn(_fsdp_worker,
+             args=(world, _free_port(), str(out_dir), overrides, resume, use_lora, evaluate, sigterm_at),
              nprocs=world, join=True)
 
 
@@ -121,6 +131,19 @@ def test_fsdp_resume_same_and_other_world_size(runs, tmp_path, world):
     b_model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / "checkpoint-2")
     for (name, a), (_, b) in zip(a_model.named_parameters(), b_model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=rel, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_a_signal_on_one_rank_stops_every_rank_after_the_step_with_one_checkpoint(tmp_path):
+    """SIGTERM reaches only rank 1, during step 2 of 4: both ranks finish step 2, join the sharded save of
+    checkpoint-2 and return (a rank that went on alone would hang in the next collective)."""
+    _spawn(2, tmp_path, sigterm_at=2, max_steps=4, save_steps=100)
+    for rank, reason in ((0, "a stop signal on another rank"), (1, "SIGTERM")):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"step": 2, "stopped_by_signal": reason}
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert sorted(_rows(tmp_path)) == [1, 2]
 
 
 @pytest.mark.slow
