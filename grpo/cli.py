@@ -36,6 +36,7 @@ from .config import PRESET_RUNS, PRESETS, GRPOConfig
 from .errors import RewardFunctionError, UserError
 from .logger import format_seconds
 from .model_config import ModelConfig
+from .rewards import REWARD_FUNCS
 from .threads import set_num_threads
 
 USAGE = __doc__
@@ -78,7 +79,8 @@ class RunOptions:
     eval_dataset: str | None = field(default=None, metadata={
         "help": "held-out problems; None = the test split of --dataset"})
     reward_funcs: list[str] | None = field(default=None, metadata={
-        "help": "reward functions, comma-separated: gsm8k, format, equation, math, toy, or a reward-model path"})
+        "help": f"reward functions, comma-separated: {', '.join([*REWARD_FUNCS, *CLI_REWARDS])}, "
+                "or a reward-model path"})
     instruction: str | None = field(default=None, metadata={"help": "text appended to each question"})
     preset: str = field(default="default", metadata={"help": "starting values: " + " | ".join(PRESETS)})
     resume_from_checkpoint: str | None = field(default=None, metadata={

@@ -154,7 +154,6 @@ def gsm8k_reward(prompts, completions, answer=None, **kwargs) -> list[float | No
     return rewards
 
 
-
 # A worked equation "A op B = C" in a gold answer (the bundled arithmetic problems write "We subtract: 38 - 19 = 19.").
 _GOLD_EQUATION_RE = re.compile(r"(\d+)\s*([-+*/])\s*(\d+)\s*=")
 
@@ -181,6 +180,7 @@ def equation_reward(prompts, completions, answer=None, **kwargs) -> list[float |
                    for r in re.findall(rf"(?<![\d.]){x}\s*{re.escape(op)}\s*{y}\s*=\s*({_NUMBER})", text)]
         rewards.append(1.0 if final is not None and final in results else 0.0)
     return rewards
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Boxed answers (MATH)
