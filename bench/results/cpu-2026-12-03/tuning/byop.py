@@ -1,10 +1,11 @@
+from pathlib import Path
 import sys, torch, re
 from grpo import model as M, rollout, cli
 from grpo.config import GRPOConfig, PRESET_RUNS
 from grpo.rewards import gsm8k_reward, equation_reward
 torch.set_num_threads(2)
 cfg = GRPOConfig.from_preset("default")
-rows = cli.load_rows("/work/tune/tune.jsonl", "train", cfg, PRESET_RUNS["default"]["instruction"])
+rows = cli.load_rows(str(Path(__file__).with_name("tune.jsonl")), "train", cfg, PRESET_RUNS["default"]["instruction"])
 model, tok = M.load_model(sys.argv[1]); model.eval()
 pids = rollout.tokenize_prompts(tok, [r["prompt"] for r in rows], 256)
 out = rollout.hf_generate(model, tok, pids, 40, rollout.eos_token_ids(model, tok), rollout.sampling_kwargs(cfg, temperature=0.0), batch_size=96)

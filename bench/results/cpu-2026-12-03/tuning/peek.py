@@ -1,10 +1,11 @@
+from pathlib import Path
 import sys, torch
 from grpo import model as M, rollout, cli, scoring
 from grpo.config import GRPOConfig
 torch.set_num_threads(2)
 cfg = GRPOConfig.from_preset("default")
 instr = sys.argv[3] if len(sys.argv) > 3 else 'Give the final answer on its own line in the form "#### <number>".'
-rows = cli.load_rows("/work/tune/tune.jsonl", "train", cfg, instr)[: int(sys.argv[2])]
+rows = cli.load_rows(str(Path(__file__).with_name("tune.jsonl")), "train", cfg, instr)[: int(sys.argv[2])]
 model, tok = M.load_model(sys.argv[1]); model.eval()
 pids = rollout.tokenize_prompts(tok, [r["prompt"] for r in rows], 256)
 print("prompt len", len(pids[0]), repr(tok.decode(pids[0])))

@@ -1,3 +1,4 @@
+from pathlib import Path
 import sys, json, torch, re
 from grpo import model as M, rollout, cli
 from grpo.config import GRPOConfig
@@ -9,7 +10,7 @@ variants = json.load(open(sys.argv[2]))
 temps = [float(t) for t in sys.argv[3].split(",")]
 for system, instr in variants:
     cfg.system_prompt = system
-    rows = cli.load_rows("/work/tune/tune.jsonl", "train", cfg, instr)
+    rows = cli.load_rows(str(Path(__file__).with_name("tune.jsonl")), "train", cfg, instr)
     sub = [r for r in rows if "subtract" in r["answer"]][:8]
     add = [r for r in rows if "add" in r["answer"]][:4]
     for T in temps:

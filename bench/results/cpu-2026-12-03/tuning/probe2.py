@@ -1,3 +1,4 @@
+from pathlib import Path
 import sys, json, torch, re
 from grpo import model as M, rollout, cli
 from grpo.config import GRPOConfig
@@ -6,7 +7,7 @@ torch.set_num_threads(2); torch.manual_seed(0)
 cfg = GRPOConfig.from_preset("default")
 from grpo.config import PRESET_RUNS
 model, tok = M.load_model(sys.argv[1]); model.eval()
-rows = cli.load_rows("/work/tune/tune.jsonl", "train", cfg, PRESET_RUNS["default"]["instruction"])
+rows = cli.load_rows(str(Path(__file__).with_name("tune.jsonl")), "train", cfg, PRESET_RUNS["default"]["instruction"])
 sub = [r for r in rows if "subtract" in r["answer"]][:12]
 T = float(sys.argv[2]) if len(sys.argv) > 2 else 0.7
 pids = rollout.tokenize_prompts(tok, [r["prompt"] for r in sub for _ in range(8)], 256)
