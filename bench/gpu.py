@@ -1,4 +1,4 @@
-"""`python -m bench gpu`: everything a lent GPU should measure, in one call of at most about 8 minutes.
+"""`python -m bench gpu`: everything a lent GPU should measure, in one call of at most about 9 minutes.
 
 The parts run one after another, each as its own process group under a hard time budget: a part that runs
 over is killed (its worker processes too) and what it wrote so far is kept (the sweeps rewrite their JSON
@@ -29,10 +29,11 @@ from pathlib import Path
 from .common import REPO_ROOT, RESULTS_DIR
 
 MAX_FILES = 8  # what the device tool brings back from $OUT
+TOTAL_S = 9 * 60  # all parts together: the device tool's 570 s call less start-up, within a 15-minute lease
 LOG_TAIL = 60_000  # characters of each part's output kept in gpu.log
 
 # Order matters under a budget: the peers the targets need first (the sweep saves after each one).
-LOSS_IMPLS = "ours-auto,torch,trl,liger,ours-chunked,ours-fused,liger-triton,cce"
+LOSS_IMPLS = "ours-auto,torch,trl,liger,liger-triton,cce,ours-chunked,ours-fused"
 LOGPROBS_IMPLS = "ours-auto,torch,trl,liger,liger-triton,cce"
 STEP_VARIANTS = "ours-auto,trl,trl+gk"
 SWEEP_FLAGS = ("--preset", "llama3-8b", "--dtype", "bf16", "--budget", "1", "--no-plots", "--no-markdown",
@@ -67,35 +68,37 @@ class Outcome:
 
 
 def plan(pytest_timeout: bool | None = None) -> list[Part]:
-    """The parts, their budgets (8 minutes in all) and commands."""
+    """The parts, their budgets (TOTAL_S in all) and commands. Budgets: what each part took on an H200 on
+    2026-12-04 (bench/results/h200-2026-12-04), plus a margin (the GPU tests took 164 s there, so pytest runs
+    verbose: a part cut at its budget still shows each test's outcome so far)."""
     if pytest_timeout is None:
         pytest_timeout = importlib.util.find_spec("pytest_timeout") is not None
-    tests = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", "--continue-on-collection-errors"]
+    tests = ["-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-o", "addopts=-ra", "--continue-on-collection-errors"]
     if pytest_timeout:
         tests += ["--timeout", "60"]
     return [
-        Part("env", 35, "GPU, driver, torch, triton, CUDA, clocks; which optional peers import",
+        Part("env", 30, "GPU, driver, torch, triton, CUDA, clocks; which optional peers import",
              ("-m", "bench", "_gpu_env", "{scratch}/env.json"), result="env.json"),
-        Part("gpu-tests", 65, "pytest -m gpu (each test at most 60 s where pytest-timeout is installed)",
+        Part("gpu-tests", 165, "pytest -m gpu (each test at most 60 s where pytest-timeout is installed)",
              (*tests, "tests"), capture="gpu-tests.txt"),
-        Part("hardening", 90, "GPU-hardening findings on the device: fp32-output GEMM probe, autocast, NaN rule, a "
+        Part("hardening", 30, "GPU-hardening findings on the device: fp32-output GEMM probe, autocast, NaN rule, a "
              "launch of every kernel configuration this architecture gets, sizing under a fragmented allocator",
              ("-m", "bench", "_gpu_hardening"), inline=True),
-        Part("loss-8k", 130, "loss fwd+bwd, llama3-8b bf16, N=8192, zero-advantage 0 and 0.5, every implementation",
+        Part("loss-8k", 135, "loss fwd+bwd, llama3-8b bf16, N=8192, zero-advantage 0 and 0.5, every implementation",
              ("-m", "bench", "loss", *SWEEP_FLAGS, "--tokens", "8192", "--zero-adv-frac", "0,0.5", "--impls", LOSS_IMPLS,
               "--worker-timeout", "70", "--out", "{scratch}", "--tag", "loss-llama3-8b-n8k"),
              result="loss-llama3-8b-n8k.json"),
-        Part("loss-64k", 65, "loss fwd+bwd, llama3-8b bf16, N=65536: ours (memory; fused against its 8NHV floor)",
+        Part("loss-64k", 55, "loss fwd+bwd, llama3-8b bf16, N=65536: ours (memory; fused against its 8NHV floor)",
              ("-m", "bench", "loss", *SWEEP_FLAGS, "--tokens", "65536", "--impls", "ours-auto,ours-fused,ours-chunked",
               "--worker-timeout", "45", "--out", "{scratch}", "--tag", "loss-llama3-8b-n64k"),
              result="loss-llama3-8b-n64k.json"),
-        Part("logprobs-16k", 50, "forward-only log-probs, llama3-8b bf16, N=16384",
+        Part("logprobs-16k", 55, "forward-only log-probs, llama3-8b bf16, N=16384",
              ("-m", "bench", "logprobs", *SWEEP_FLAGS, "--tokens", "16384", "--impls", LOGPROBS_IMPLS,
-              "--worker-timeout", "30", "--out", "{scratch}", "--tag", "logprobs-llama3-8b-n16k"),
+              "--worker-timeout", "35", "--out", "{scratch}", "--tag", "logprobs-llama3-8b-n16k"),
              result="logprobs-llama3-8b-n16k.json"),
-        Part("step", 45, "one GRPO step of the bundled trainer on CUDA (bf16, tiny 2-layer Llama) vs TRL, TRL+gk",
+        Part("step", 70, "one GRPO step of the bundled trainer on CUDA (bf16, tiny 2-layer Llama) vs TRL, TRL+gk",
              ("-m", "bench", "step", "--model", "tiny", "--device", "cuda", "--impls", STEP_VARIANTS, "--steps", "2",
-              "--warmup-steps", "1", "--worker-timeout", "40", "--out", "{scratch}", "--tag", "step-tiny"),
+              "--warmup-steps", "1", "--worker-timeout", "60", "--out", "{scratch}", "--tag", "step-tiny"),
              result="step-tiny.json"),
     ]  # fmt: skip
 
@@ -278,10 +281,17 @@ def _demote(md: str, levels: int = 2) -> str:
 
 
 def _pytest_tail(text: str) -> str:
+    """pytest's final counts; for a run cut short, the counts of its verbose PASSED / FAILED / ERROR lines so
+    far and the failing tests' names."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if any(w in ln for w in (" passed", " failed", " error", " skipped", "no tests ran", "deselected")):
             return ln.strip("= ")
+    outcome = {w: [ln.split(" ")[0] for ln in lines if "::" in ln and f" {w}" in ln] for w in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    if any(outcome.values()):
+        counts = ", ".join(f"{len(v)} {w.lower()}" for w, v in outcome.items() if v)
+        bad = outcome["FAILED"] + outcome["ERROR"]
+        return f"cut short after {counts}" + (f": {' '.join(bad[:5])}" if bad else "")
     return lines[-1] if lines else "(no output)"
 
 
@@ -428,7 +438,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "(default bench/results/<device>-<date>/gpu in this clone, untracked until committed)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and each part's budget; run nothing")
     p.add_argument("--parts", default=None, help="comma list of part names to run (default: all)")
-    p.add_argument("--total-min", type=float, default=8.0, help="hard limit for all parts together, minutes (default 8)")
+    p.add_argument("--total-min", type=float, default=TOTAL_S / 60, help=f"hard limit for all parts together, minutes (default {TOTAL_S / 60:g})")
     p.add_argument("--commit", default=None, help="the commit measured, when the tree has no .git (the device copy has none)")
 
 

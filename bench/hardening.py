@@ -5,7 +5,7 @@ the exit status is 1 when any check failed.
   probe        torch's fp32-output GEMM overloads (mm(out_dtype), in-place addmm(out_dtype)); on torch >= 2.8
                both must be there, so the logits and dW take one cuBLAS call each
   autocast     the loss (chunked and fused, Triton, fp32 and bf16) under torch.autocast("cuda", bf16) equals the
-               loss without it, gradients included
+               loss without it, gradients included (fused: within its run-to-run fp32-atomics noise)
   nan          a NaN hidden state of a live token makes loss and gradients NaN (the GPU's one-row epilogue
                programs and 128-row backward blocks)
   launch       every kernel configuration this device gets (compile_check's list for its architecture) launched
@@ -66,7 +66,13 @@ def check_probe() -> None:
 
 
 def check_autocast() -> None:
+    """Chunked is deterministic: autocast must change no bit. The fused backward accumulates dH/dW with fp32
+    atomics, so its low bits vary from run to run: there autocast may differ from a plain call by no more than two
+    plain calls differ from each other (an autocast bug would show as bf16-sized, ~1e-3 relative, differences)."""
     import torch
+
+    def diff(xs, ys):
+        return max((a.double() - b.double()).abs().max().item() for a, b in zip(xs, ys))
 
     for dt in (torch.float32, torch.bfloat16):
         for strategy in ("chunked", "fused"):
@@ -75,9 +81,14 @@ def check_autocast() -> None:
             want = _loss(p, **opts)
             with torch.autocast("cuda", torch.bfloat16):
                 got = _loss(p, **opts)
-            same = all(torch.equal(a, b) for a, b in zip(got, want))
-            say("PASS" if same else "FAIL", f"autocast {strategy} {dt}",
-                "identical" if same else f"max |diff| {max((a - b).abs().max().item() for a, b in zip(got, want))}")
+            d = diff(got, want)
+            if strategy == "chunked":
+                ok, detail = d == 0, "identical" if d == 0 else f"max |diff| {d:.3g}"
+            else:
+                noise = max(diff(_loss(p, **opts), want) for _ in range(3))
+                ok = d <= noise
+                detail = f"max |diff| {d:.3g}, run-to-run (fp32 atomics) {noise:.3g}"
+            say("PASS" if ok else "FAIL", f"autocast {strategy} {dt}", detail)
 
 
 def check_nan() -> None:

@@ -278,11 +278,13 @@ class GRPOConfig:
             raise ValueError(f"num_generations must be an integer >= 2, got {self.num_generations!r}")
         per_step = self.per_device_train_batch_size * self.world_size
         gbs, spg = self.generation_batch_size, self.steps_per_generation
+        if gbs is not None and spg is not None and gbs == per_step * spg:
+            spg = None  # a consistent pair, as dataclasses.replace passes the filled-in values back: keep it
         if gbs is not None and spg is not None:
             raise ValueError(
-                f"generation_batch_size={gbs} and steps_per_generation={spg} are both set, but each one determines "
-                "the other (generation_batch_size = per_device_train_batch_size × world_size × steps_per_generation): "
-                "set only one of them."
+                f"generation_batch_size={gbs} and steps_per_generation={spg} are both set and disagree: each one "
+                "determines the other (generation_batch_size = per_device_train_batch_size × world_size × "
+                f"steps_per_generation = {per_step} × {spg} = {per_step * spg}): set only one of them."
             )
         if gbs is None and spg is None:
             spg = self.gradient_accumulation_steps

@@ -7,7 +7,7 @@ AdamW moment (DTensors sharded on dim 0).
 Why a wrapper root: FSDP2 unshards a unit's parameters in that unit's forward and reduce-scatters its gradients
 in the backward of what that forward returned. The trainer does not call the policy's own forward (it runs the
 backbone to hidden states and hands the LM-head weight to the fused loss), so every stage runs as
-`root(fn, ...)`, i.e. `fn(policy, ...)` inside the root's forward, and the update's loss is what that forward
+`run_in_root(root, fn, ...)`, i.e. `fn(policy, ...)` inside the root's forward, and the update's loss is what that forward
 returns. Inside it the LM head is the gathered [V, H] weight: the fused loss sees one ordinary tensor.
 
 Why the LM head is gathered and not vocab-parallel (numbers for Qwen2.5-7B: V = 152064, H = 3584, 7.6 B
@@ -37,14 +37,22 @@ import torch
 
 
 class FSDPPolicy(torch.nn.Module):
-    """The root FSDP unit: `root(fn, *args)` runs `fn(policy, *args)` with the root's parameters gathered."""
+    """The root FSDP unit: `root(fn)` runs `fn(policy)` with the root's parameters gathered (see `run_in_root`)."""
 
     def __init__(self, policy: torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, fn, *args, **kwargs):
-        return fn(self.policy, *args, **kwargs)
+    def forward(self, fn):
+        return fn(self.policy)
+
+
+def run_in_root(root, fn, *args, **kwargs):
+    """fn(policy, *args, **kwargs) inside the root's forward. The arguments travel in a closure, not as forward
+    inputs: FSDP2's mixed-precision input cast walks forward inputs, rebuilds every dataclass in them with
+    dataclasses.replace (which re-runs GRPOConfig's checks) and casts their float tensors (advantages, old
+    log-probs) to bf16."""
+    return root(lambda policy: fn(policy, *args, **kwargs))
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -86,7 +94,7 @@ def fsdp_modules(root) -> list:
 
 
 def run_generation(root, fn, *args, **kwargs):
-    """root(fn, ...) with every layer gathered once for the whole rollout (not once per decoded token), and
+    """run_in_root(root, fn, ...) with every layer gathered once for the whole rollout (not once per decoded token), and
     everything sharded again afterwards.
 
     The layers are gathered inside the root's forward (after FSDP's lazy init), up front and on every rank in the
@@ -106,7 +114,7 @@ def run_generation(root, fn, *args, **kwargs):
                 m.reshard()
 
     try:
-        return root(gathered, *args, **kwargs)
+        return run_in_root(root, gathered, *args, **kwargs)
     finally:
         root.reshard()  # the root keeps its parameters gathered after a forward (see shard); free them now
 

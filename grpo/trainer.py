@@ -25,6 +25,7 @@ backbone once (see update.completion_hidden).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from pathlib import Path
@@ -201,7 +202,8 @@ class GRPOTrainer:
                 t0 = time.perf_counter()
                 self.logger.phase("updating", self.step + 1)
                 # FSDP's backward holds collectives every rank must join: no zero-signal skipping there.
-                run = {} if self.fsdp_root is None else {"run": self.fsdp_root, "skip_zero_signal": False}
+                run = {} if self.fsdp_root is None else {"run": functools.partial(fsdp.run_in_root, self.fsdp_root),
+                                                          "skip_zero_signal": False}
                 with events.phase("update"):
                     loss, sums = update.micro_step(self.model, self.loss_fn, self.buffer[micro_index % spg], args,
                                                    info.world_size, **run)
@@ -445,7 +447,7 @@ class GRPOTrainer:
             return fn(self.ref_model if ref else self.model, *args, **kwargs)
         if generation:
             return fsdp.run_generation(root, fn, *args, **kwargs)
-        return root(fn, *args, **kwargs)
+        return fsdp.run_in_root(root, fn, *args, **kwargs)
 
     def _as_rows(self, dataset, what: str) -> list[dict]:
         rows = [dict(r) for r in dataset]

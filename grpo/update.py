@@ -195,7 +195,7 @@ def micro_step(model, loss_fn, mb, args, world_size: int, skip_zero_signal: bool
                run=None) -> tuple[float, dict[str, tuple[float, float]]]:
     """Forward + backward on one micro-batch; returns (its scaled loss, {metric: (sum, count)}) for logging.
 
-    `run(fn, *args)` calls `fn(model, *args)` inside a wrapper's forward (FSDP2's root, see fsdp.py), so that
+    `run(fn, *args)` calls `fn(model, *args)` inside a wrapper's forward (FSDP2's root: fsdp.run_in_root), so that
     the backward starts from what that forward returned. Metrics come back as sums and counts so that the caller
     can form TRL's global masked means across ranks. `zero_signal_ratio` counts the micro-batches that skipped the
     forward and backward (skip_zero_signal and no signal; FSDP turns it off: its backward holds collectives every

@@ -31,7 +31,7 @@ def test_dry_run_prints_every_part_with_its_budget(capsys):
         assert re.search(rf"\d\. {re.escape(p.name)}\s+{p.budget_s / 60:.2f} min", text), p.name
     assert "files: summary.md, gpu.log" in text
     # the whole plan fits in 8 minutes and its files in what the device tool brings back
-    assert sum(p.budget_s for p in parts) <= 8 * 60
+    assert sum(p.budget_s for p in parts) <= gpu.TOTAL_S
     names = gpu.files_of(parts)
     assert len(names) <= gpu.MAX_FILES and len(set(names)) == len(names)
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
@@ -344,3 +344,11 @@ def test_sigterm_to_the_command_stops_the_part_and_keeps_the_summary(tmp_path):
     assert proc.wait(timeout=30) == 128 + 15
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| sleepy | 2.00 | interrupted |" in md
+
+
+def test_pytest_tail_of_a_verbose_run_cut_short_names_its_failures():
+    text = ("tests/test_fsdp.py::test_one_gpu FAILED [  1%]\ntests/test_gpu.py::test_a PASSED [  2%]\n"
+            "tests/test_gpu.py::test_b SKIPPED (needs 2 GPUs) [  3%]\ntests/test_gpu.py::test_c PASSED [  4%]\n")
+    assert gpu._pytest_tail(text) == "cut short after 2 passed, 1 failed, 1 skipped: tests/test_fsdp.py::test_one_gpu"
+    done = text + "==== 1 failed, 2 passed, 1 skipped in 3.00s ====\n"
+    assert gpu._pytest_tail(done) == "1 failed, 2 passed, 1 skipped in 3.00s"

@@ -69,9 +69,12 @@ def test_num_generations_below_two():
         GRPOConfig(num_generations=1, per_device_train_batch_size=4)
 
 
-def test_both_generation_settings_rejected():
-    with pytest.raises(ValueError, match="both set.*set only one"):
-        GRPOConfig(generation_batch_size=16, steps_per_generation=2)
+def test_both_generation_settings_rejected_unless_they_agree():
+    with pytest.raises(ValueError, match=r"both set and disagree.*8 × 3 = 24\): set only one"):
+        GRPOConfig(per_device_train_batch_size=8, generation_batch_size=16, steps_per_generation=3)
+    # A consistent pair is what dataclasses.replace (and FSDP2's input cast, which calls it) passes back.
+    c = GRPOConfig(per_device_train_batch_size=8, generation_batch_size=16, steps_per_generation=2)
+    assert (c.generation_batch_size, c.steps_per_generation) == (16, 2)
 
 
 @pytest.mark.parametrize(
@@ -147,6 +150,7 @@ def test_replace_rederives():
     assert c2.steps_per_generation == 2 and c2.generation_batch_size == 32
     with pytest.raises(ValueError, match="both set"):  # why replace() exists
         dataclasses.replace(c, per_device_train_batch_size=16)
+    assert dataclasses.replace(c) == c  # an unchanged copy is accepted
 
 
 def test_unknown_keys_are_named_with_suggestion():

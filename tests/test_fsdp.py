@@ -196,7 +196,8 @@ def test_fsdp_option_is_validated(tmp_path):
 @pytest.mark.gpu
 def test_fsdp_bf16_mixed_precision_on_one_gpu(tmp_path):
     """The CUDA path (NCCL, bf16 gathers, fp32 reduction): one step of a 1-rank FSDP run equals the unsharded bf16
-    run to bf16 precision. Written without a GPU to run it on: check it on the first GPU session."""
+    run to bf16 precision. Failed on the first GPU run (2026-12-04, H200): FSDP2's input cast rebuilt the GRPOConfig
+    passed to the root's forward; fixed by fsdp.run_in_root (the CPU test below reproduces it)."""
     overrides = dict(COMMON, max_steps=1, bf16=True, per_device_train_batch_size=4)
     single = tt.make_trainer(tmp_path / "single", **overrides)
     want = single.train()[0]
@@ -230,3 +231,47 @@ def test_fsdp_with_gradient_checkpointing_takes_the_same_step(runs, tmp_path):
     want, got = _rows(runs / "fsdp")[1], _rows(tmp_path / "ckpt")[1]
     for key in COMPARED:
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
+def test_root_calls_keep_their_arguments_under_mixed_precision():
+    """FSDP2's bf16 input cast (on CUDA with bf16) rebuilds dataclasses among forward inputs with
+    dataclasses.replace and casts their float tensors: a GRPOConfig or a rollout's fp32 advantages must reach the
+    function as they are. Found on the first GPU run (the GPU test above failed there); CPU gloo reproduces it."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from grpo import fsdp
+
+    @dataclasses.dataclass
+    class Batch:
+        advantages: torch.Tensor
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard(model[0], mesh=mesh, mp_policy=mp_policy)
+        root = fsdp.FSDPPolicy(model)
+        fully_shard(root, mesh=mesh, mp_policy=mp_policy)
+        config = GRPOConfig(output_dir="unused", per_device_train_batch_size=4, steps_per_generation=2)
+        batch = Batch(torch.randn(4, dtype=torch.float32))
+        seen = []
+
+        def fn(policy, cfg, b, *, scale):
+            seen.append((cfg, b, scale))
+            return policy(torch.ones(1, 4))
+
+        for call in (fsdp.run_in_root, fsdp.run_generation):
+            out = call(root, fn, config, batch, scale=torch.ones(2))
+            cfg, b, scale = seen.pop()
+            assert cfg is config and b is batch and b.advantages.dtype == torch.float32
+            assert scale.dtype == torch.float32
+            assert out.dtype == torch.bfloat16  # the policy itself did compute in bf16
+    finally:
+        dist.destroy_process_group()
