@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -161,11 +162,13 @@ def _ours_unavailable(strategy: str):
     return check
 
 
-def _make_ours(strategy: str):
+def _make_ours(strategy: str, chunk_size: int | None = None):
     def make(mode, x, opts):
         import grpo_kernels as gk
 
         backend = {"backend": opts["backend"]} if opts.get("backend") else {}
+        if chunk_size is not None:
+            backend["chunk_size"] = chunk_size
         if mode == "loss":
             kw = {**loss_options(opts), **backend}
 
@@ -475,6 +478,23 @@ register(
 )
 
 
+CHUNK_ROWS_IMPL = re.compile(r"ours-chunked:(\d+)")
+
+
+def get_impl(name: str) -> Impl:
+    """A registered implementation, or `ours-chunked:ROWS` (the chunked strategy with chunk_size=ROWS, registered
+    on first use): what a chunk-size sweep compares against `ours-auto`'s own sizing."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    m = CHUNK_ROWS_IMPL.fullmatch(name)
+    if m and int(m.group(1)) > 0:
+        rows = int(m.group(1))
+        return register(Impl(name, ("loss", "logprobs"), f"grpo_kernels, strategy='chunked', chunk_size={rows}",
+                             _make_ours("chunked", rows), _ours_unavailable("chunked"), tags=("ours",)))
+    raise ValueError(f"--impls: unknown implementation {name!r}; choose from all, default, {', '.join(REGISTRY)}, "
+                     "or ours-chunked:ROWS (a fixed chunk size, ROWS > 0)")
+
+
 def resolve_impls(spec: str, mode: str, device: torch.device) -> list[str]:
     """'all' -> every registered implementation; 'default' -> all but torch-compile on CPU (minutes of
     compiling on a small machine); else a comma-separated list of names."""
@@ -488,8 +508,7 @@ def resolve_impls(spec: str, mode: str, device: torch.device) -> list[str]:
         part = part.strip()
         if not part:
             continue
-        if part not in REGISTRY:
-            raise ValueError(f"--impls: unknown implementation {part!r}; choose from all, default, {', '.join(REGISTRY)}")
+        get_impl(part)
         out.append(part)
     if not out:
         raise ValueError("--impls: empty list")
@@ -522,11 +541,12 @@ def expected_buffer_bytes(impl: Impl, case, device: torch.device) -> int | None:
 
     if impl.materializes_logits:
         return case.tokens * case.vocab * 4
-    if impl.name == "ours-chunked" or (impl.name == "ours-auto" and device.type == "cpu"):
+    fixed = CHUNK_ROWS_IMPL.fullmatch(impl.name)
+    if fixed or impl.name == "ours-chunked" or (impl.name == "ours-auto" and device.type == "cpu"):
         dtype = DTYPES[case.dtype]
         # rows as the API sizes them (the torch backend, the CPU's, budgets its epilogue's temporaries too)
-        rows = sizing.default_chunk_size(case.tokens, case.vocab, case.hidden, dtype, device,
-                                         torch_epilogue=device.type != "cuda")
+        rows = min(int(fixed.group(1)), case.tokens) if fixed else sizing.default_chunk_size(
+            case.tokens, case.vocab, case.hidden, dtype, device, torch_epilogue=device.type != "cuda")
         acc = sizing.accumulator_bytes(case.vocab, case.hidden, dtype, True) if rows < case.tokens else 0
         return rows * sizing.chunk_row_bytes(case.vocab, dtype, False) + acc
     return None

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import shapes
-from .impls import REGISTRY, Impl, expected_buffer_bytes, extra_bytes_estimate
+from .impls import Impl, expected_buffer_bytes, extra_bytes_estimate, get_impl
 
 # Relative-norm tolerances against the float64 reference. fp32 on the GPU: Triton's fp32 tl.dot uses TF32
 # (~3e-4), so 1e-3 there; plain fp32 arithmetic lands far under 1e-4.
@@ -379,7 +379,7 @@ def bench_case(impl: Impl, case: shapes.Case, opts: dict, device: torch.device, 
 def run_impl_task(task: dict, emit: Callable[[dict], None]) -> None:
     """Worker body: gate `task['impl']` on correctness per dtype, then measure every case; emit one dict per case."""
     device = torch.device(task["device"])
-    impl = REGISTRY[task["impl"]]
+    impl = get_impl(task["impl"])
     cases = [shapes.Case.from_dict(c) for c in task["cases"]]
     opts = task["opts"]
     if task.get("threads"):

@@ -321,3 +321,40 @@ def test_expected_buffer_of_the_chunked_strategy_and_of_full_logits():
     assert expected_buffer_bytes(REGISTRY["ours-auto"], case, cpu) == expected_buffer_bytes(REGISTRY["ours-chunked"],
                                                                                              case, cpu)
     assert expected_buffer_bytes(REGISTRY["ours-fused"], case, cpu) is None
+
+
+def test_a_fixed_chunk_size_is_an_implementation_of_its_own(tmp_path):
+    """`ours-chunked:ROWS` runs the chunked strategy with chunk_size=ROWS (a chunk-size sweep beside ours-auto):
+    it passes the correctness gate in a worker process, and its expected buffer is ROWS rows (capped at N)."""
+    from bench.impls import expected_buffer_bytes, get_impl
+
+    argv = ["loss", "--preset", "tiny", "--tokens", "96", "--seq-len", "48", "--impls", "ours-chunked:32,ours-chunked:500",
+            "--device", "cpu", "--no-plots", "--no-markdown", "--out", str(tmp_path), "--tag", "t", "--budget", "0.02",
+            "--min-reps", "2", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    records = json.loads((tmp_path / "t.json").read_text())["records"]
+    assert [(r["impl"], r["status"]) for r in records] == [("ours-chunked:32", "ok"), ("ours-chunked:500", "ok")]
+    case = shapes.Case(mode="loss", preset="quick", hidden=256, vocab=8192, tokens=1024, seq_len=512, dtype="fp32")
+    cpu = torch.device("cpu")
+    assert expected_buffer_bytes(get_impl("ours-chunked:128"), case, cpu) == 128 * 8192 * 4 + 8192 * 256 * 4
+    assert expected_buffer_bytes(get_impl("ours-chunked:4096"), case, cpu) == 1024 * 8192 * 4  # one chunk: no dW acc
+    for bad in ("ours-chunked:0", "ours-chunked:x", "ours-chunked:"):
+        with pytest.raises(ValueError, match="ours-chunked:ROWS"):
+            get_impl(bad)
+
+
+def test_a_fixed_chunk_size_reaches_the_api(monkeypatch):
+    import functools
+
+    import grpo_kernels as gk
+
+    from bench.impls import get_impl
+
+    seen = []
+    monkeypatch.setattr(gk, "fused_linear_grpo_loss", lambda *a, **k: seen.append(k) or (None, None))
+    monkeypatch.setattr(gk, "linear_logprobs", functools.wraps(gk.linear_logprobs)(lambda *a, **k: seen.append(k)))
+    x = dict(hidden=None, weight=None, ids=None, mask=None, advantages=None, old=None)
+    get_impl("ours-chunked:48").make("loss", x, {})()
+    get_impl("ours-chunked:48").make("logprobs", x, {})()
+    get_impl("ours-auto").make("loss", x, {})()
+    assert [(k.get("strategy"), k.get("chunk_size")) for k in seen] == [("chunked", 48), ("chunked", 48), ("auto", None)]
