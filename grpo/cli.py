@@ -495,7 +495,7 @@ def _train(config: GRPOConfig, run: dict, start: float) -> dict:
               f"curve in {config.output_dir}/reward_curve.png, results in {results_file}", flush=True)
     from . import distributed
 
-    distributed.destroy(trainer.dist)
+    distributed.destroy(trainer.dist, wait=True)
     return results
 
 
@@ -526,7 +526,7 @@ def cmd_eval(argv: list[str]) -> dict:
                        batch_size=max(config.generation_batch_size, 16))
     if info.is_main:
         print(json.dumps(metrics, indent=1))
-    distributed.destroy(info)
+    distributed.destroy(info, wait=True)
     return metrics
 
 

@@ -134,6 +134,11 @@ def reduce_metric_sums(sums: dict[str, list[float]], info: DistInfo) -> dict[str
     return {n: [t[2 * i], t[2 * i + 1]] for i, n in enumerate(names)}
 
 
-def destroy(info: DistInfo) -> None:
+def destroy(info: DistInfo, wait: bool = False) -> None:
+    """Tear the process group down. wait=True, for a normal end: a barrier first, so that no rank tears down its
+    connections while another is still finishing the last collective. Not after an error: a rank that failed
+    may never reach the barrier."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

@@ -53,6 +53,7 @@ def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False, 
             if rank == 0:
                 with open(f"{out_dir}/eval.json", "w") as f:
                     json.dump(metrics, f)
+        distributed.barrier(trainer.dist)  # a normal end: no rank leaves while another finishes
     finally:
         distributed.destroy(trainer.dist)
 
