@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_args(sub.add_parser("step", help="one GRPO training step of the bundled trainer vs TRL", description=step.__doc__))
     from . import gpu
 
-    gpu.add_args(sub.add_parser("gpu", help="everything a lent GPU should measure, in one call (<= 9 min)", description=gpu.__doc__))
+    gpu.add_args(sub.add_parser("gpu", help="everything a lent GPU should measure, in one call (<= 9.5 min)", description=gpu.__doc__))
     rp = sub.add_parser("report", help="re-render the table, Markdown and plots of a saved results JSON")
     rp.add_argument("json", nargs="+", help="bench/results/<device>-<date>/<tag>.json")
     rp.add_argument("--no-plots", action="store_true")

@@ -30,7 +30,7 @@ def test_dry_run_prints_every_part_with_its_budget(capsys):
     for p in parts:
         assert re.search(rf"\d\. {re.escape(p.name)}\s+{p.budget_s / 60:.2f} min", text), p.name
     assert "files: summary.md, gpu.log" in text
-    # the whole plan fits in TOTAL_S (9 minutes) and its files in what the device tool brings back
+    # the whole plan fits in TOTAL_S (9.5 minutes) and its files in what the device tool brings back
     assert sum(p.budget_s for p in parts) <= gpu.TOTAL_S
     names = gpu.files_of(parts)
     assert len(names) <= gpu.MAX_FILES and len(set(names)) == len(names)
