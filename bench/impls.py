@@ -166,11 +166,11 @@ def _make_ours(strategy: str, chunk_size: int | None = None):
     def make(mode, x, opts):
         import grpo_kernels as gk
 
-        backend = {"backend": opts["backend"]} if opts.get("backend") else {}
+        common = {"backend": opts["backend"]} if opts.get("backend") else {}
         if chunk_size is not None:
-            backend["chunk_size"] = chunk_size
+            common["chunk_size"] = chunk_size
         if mode == "loss":
-            kw = {**loss_options(opts), **backend}
+            kw = {**loss_options(opts), **common}
 
             def fn():
                 loss, _ = gk.fused_linear_grpo_loss(
@@ -187,7 +187,7 @@ def _make_ours(strategy: str, chunk_size: int | None = None):
                 return loss
 
             return fn
-        skw = {**(_ours_logprobs_kwargs(strategy) or {}), **backend}
+        skw = {**(_ours_logprobs_kwargs(strategy) or {}), **common}
         t = opts.get("temperature", 1.0)
         return lambda: gk.linear_logprobs(x["hidden"], x["weight"], x["ids"], temperature=t, **skw)
 
