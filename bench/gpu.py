@@ -289,7 +289,8 @@ def _pytest_tail(text: str) -> str:
     for ln in reversed(lines):
         if any(w in ln for w in (" passed", " failed", " error", " skipped", "no tests ran", "deselected")):
             return ln.strip("= ")
-    outcome = {w: [ln.split(" ")[0] for ln in lines if "::" in ln and f" {w}" in ln] for w in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    outcome = {w: [ln.split(" ")[0] for ln in lines if "::" in ln and f" {w}" in ln]
+               for w in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
     if any(outcome.values()):
         counts = ", ".join(f"{len(v)} {w.lower()}" for w, v in outcome.items() if v)
         bad = outcome["FAILED"] + outcome["ERROR"]
@@ -440,7 +441,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "(default bench/results/<device>-<date>/gpu in this clone, untracked until committed)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and each part's budget; run nothing")
     p.add_argument("--parts", default=None, help="comma list of part names to run (default: all)")
-    p.add_argument("--total-min", type=float, default=TOTAL_S / 60, help=f"hard limit for all parts together, minutes (default {TOTAL_S / 60:g})")
+    p.add_argument("--total-min", type=float, default=TOTAL_S / 60,
+                   help=f"hard limit for all parts together, minutes (default {TOTAL_S / 60:g})")
     p.add_argument("--commit", default=None, help="the commit measured, when the tree has no .git (the device copy has none)")
 
 

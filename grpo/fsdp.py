@@ -7,8 +7,8 @@ AdamW moment (DTensors sharded on dim 0).
 Why a wrapper root: FSDP2 unshards a unit's parameters in that unit's forward and reduce-scatters its gradients
 in the backward of what that forward returned. The trainer does not call the policy's own forward (it runs the
 backbone to hidden states and hands the LM-head weight to the fused loss), so every stage runs as
-`run_in_root(root, fn, ...)`, i.e. `fn(policy, ...)` inside the root's forward, and the update's loss is what that forward
-returns. Inside it the LM head is the gathered [V, H] weight: the fused loss sees one ordinary tensor.
+`run_in_root(root, fn, ...)`, i.e. `fn(policy, ...)` inside the root's forward, and the update's loss is what that
+forward returns. Inside it the LM head is the gathered [V, H] weight: the fused loss sees one ordinary tensor.
 
 Why the LM head is gathered and not vocab-parallel (numbers for Qwen2.5-7B: V = 152064, H = 3584, 7.6 B
 parameters; W = 8 ranks; a micro-batch of N = 8 × 256 = 2048 completion tokens per rank):
@@ -94,8 +94,8 @@ def fsdp_modules(root) -> list:
 
 
 def run_generation(root, fn, *args, **kwargs):
-    """run_in_root(root, fn, ...) with every layer gathered once for the whole rollout (not once per decoded token), and
-    everything sharded again afterwards.
+    """run_in_root(root, fn, ...) with every layer gathered once for the whole rollout (not once per decoded token),
+    and everything sharded again afterwards.
 
     The layers are gathered inside the root's forward (after FSDP's lazy init), up front and on every rank in the
     same order: ranks then decode for different numbers of steps (or not at all, e.g. an empty evaluation share)

@@ -39,7 +39,7 @@ def _worker(rank, world, port, out_dir, overrides, use_lora=False):
         trainer.train()
         if rank == 0:
             torch.save({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, f"{out_dir}/params.pt")
-        distributed.barrier(trainer.dist)  # a normal end: no rank leaves while another finishes
+        distributed.destroy(trainer.dist, wait=True)  # a normal end; the finally's destroy is then a no-op
     finally:
         distributed.destroy(trainer.dist)
 

@@ -536,7 +536,7 @@ def _stop_worker(rank, world, port, out_dir, by="signal"):
         trainer.train()
         with open(f"{out_dir}/stopped-{rank}.json", "w") as f:
             json.dump({"step": trainer.step, "by": trainer.stopped_by_signal}, f)
-        distributed.barrier(trainer.dist)  # a normal end: no rank leaves while another finishes
+        distributed.destroy(trainer.dist, wait=True)  # a normal end; the finally's destroy is then a no-op
     finally:
         distributed.destroy(trainer.dist)
 

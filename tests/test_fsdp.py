@@ -53,7 +53,7 @@ def _fsdp_worker(rank, world, port, out_dir, overrides, resume, use_lora=False, 
             if rank == 0:
                 with open(f"{out_dir}/eval.json", "w") as f:
                     json.dump(metrics, f)
-        distributed.barrier(trainer.dist)  # a normal end: no rank leaves while another finishes
+        distributed.destroy(trainer.dist, wait=True)  # a normal end; the finally's destroy is then a no-op
     finally:
         distributed.destroy(trainer.dist)
 
@@ -234,7 +234,7 @@ def test_fsdp_with_gradient_checkpointing_takes_the_same_step(runs, tmp_path):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
 
 
-def test_root_calls_keep_their_arguments_under_mixed_precision():
+def test_root_calls_keep_their_arguments_under_mixed_precision(monkeypatch):
     """FSDP2's bf16 input cast (on CUDA with bf16) rebuilds dataclasses among forward inputs with
     dataclasses.replace and casts their float tensors: a GRPOConfig or a rollout's fp32 advantages must reach the
     function as they are. Found on the first GPU run (the GPU test above failed there); CPU gloo reproduces it."""
@@ -250,8 +250,9 @@ def test_root_calls_keep_their_arguments_under_mixed_precision():
     class Batch:
         advantages: torch.Tensor
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(_free_port())
+    # monkeypatch: a MASTER_ADDR left behind would change how later tests' one-process runs start a group
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))

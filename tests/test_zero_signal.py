@@ -194,7 +194,7 @@ def _skip_worker(rank, world, port, out_dir, overrides):
         trainer.train()
         if rank == 0:
             torch.save(_params(trainer.model), f"{out_dir}/params.pt")
-        distributed.barrier(trainer.dist)  # a normal end: no rank leaves while another finishes
+        distributed.destroy(trainer.dist, wait=True)  # a normal end; the finally's destroy is then a no-op
     finally:
         distributed.destroy(trainer.dist)
 
